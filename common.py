@@ -1,0 +1,209 @@
+"""
+Plumbing shared by the scripts: command-line config, torchrun/DDP set-up, precision, atomic
+checkpoint writes, logging and one-line errors.
+
+train_vmae.py, train_dit.py, sample.py and evaluate.py all need these and must behave the same
+(multi-node device choice, resume, a NaN stop, what a bad path prints), so they are written once
+here. The model files (vmae.py, dit.py) do not import this: they stay usable on their own.
+"""
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# config: dataclass defaults <- config files <- --flags
+
+def parse_config(config_cls, argv=None, description=None):
+    """Build `config_cls` (a dataclass of int/float/bool/str fields) from its defaults, then any
+    config files given as positional arguments (plain `name = value` lines, parsed, never
+    executed), then `--name value` / `--name=value` flags (kebab or snake case)."""
+    defaults = config_cls()
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('config_files', nargs='*', help='config files of `name = value` lines, applied before the flags')
+    for f in dataclasses.fields(config_cls):
+        kind, default = type(getattr(defaults, f.name)), getattr(defaults, f.name)
+        flags = sorted({'--' + f.name, '--' + f.name.replace('_', '-')})
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, type=parse_bool, nargs='?', const=True, default=None, help=f'(default: {default})')
+        else:
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=f'(default: {default!r})')
+    args = parser.parse_args(argv)
+    values = {}
+    for path in args.config_files:
+        values.update(read_config_file(path, config_cls, parser))
+    values.update({k: v for k, v in vars(args).items() if k != 'config_files' and v is not None})
+    return dataclasses.replace(defaults, **values)
+
+
+def parse_bool(text):
+    if text.lower() in ('1', 'true', 'yes', 'on'):
+        return True
+    if text.lower() in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+
+
+def read_config_file(path, config_cls, parser):
+    """`name = literal` assignments -> dict, checked against the dataclass's names and types."""
+    if not os.path.isfile(path):
+        parser.error(f"config file '{path}' not found")
+    defaults = config_cls()
+    values = {}
+    for node in ast.parse(open(path).read(), filename=path).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            parser.error(f"{path}:{node.lineno}: only `name = value` lines are allowed in a config file")
+        name = node.targets[0].id
+        if not hasattr(defaults, name):
+            parser.error(f"{path}:{node.lineno}: unknown setting '{name}'")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            parser.error(f"{path}:{node.lineno}: the value of '{name}' must be a literal")
+        kind = type(getattr(defaults, name))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            parser.error(f"{path}:{node.lineno}: '{name}' must be {kind.__name__}, got {value!r}")
+        values[name] = value
+    return values
+
+# -----------------------------------------------------------------------------
+# devices, DDP and precision
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+
+def setup_distributed(device='auto'):
+    """One process (python script.py) or torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE):
+    the GPU is cuda:LOCAL_RANK, so multi-node runs pick the right device; NCCL on GPUs, gloo on CPU."""
+    cuda = torch.cuda.is_available() if device == 'auto' else device.startswith('cuda')
+    if 'RANK' not in os.environ:
+        return Dist(device=torch.device(device if device != 'auto' else 'cuda' if cuda else 'cpu'))
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    dev = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    return Dist(rank, local_rank, world_size, dev)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_for(*numbers):
+    """A well-mixed 63-bit seed from integers, e.g. (seed, rank, step)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def autocast(device, dtype):
+    """bf16 / fp16 autocast on CUDA; fp32 (a no-op context) otherwise."""
+    if device.type != 'cuda' or dtype == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast('cuda', dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype])
+
+
+def enable_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def all_reduce_mean(x):
+    """Mean of a tensor over ranks (identity without DDP)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers (what checkpoints store)."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+# -----------------------------------------------------------------------------
+# checkpoints and logs
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write never destroys the last good file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Rank 0 prints a line every `log_every` steps and appends the same numbers to
+    `<out_dir>/log.jsonl`; other ranks stay quiet."""
+
+    def __init__(self, out_dir, master, start_step, total_steps):
+        self.master, self.path = master, os.path.join(out_dir, 'log.jsonl')
+        self.bar = None
+        if master:
+            from tqdm import tqdm
+            os.makedirs(out_dir, exist_ok=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, smoothing=0.1)
+        self.last_time = time.time()
+
+    def step(self):
+        if self.bar:
+            self.bar.update(1)
+
+    def log(self, step, metrics):
+        if not self.master:
+            return
+        metrics = {'step': step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(metrics) + '\n')
+        self.print(f"step {step}: " + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'step'))
+
+    def print(self, text):
+        if self.master:
+            (self.bar.write if self.bar else print)(text)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def print0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """Inside this block, a missing file, bad input or a NaN stop (FileNotFoundError, ValueError,
+    FloatingPointError) ends the script with its one-line message instead of a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)

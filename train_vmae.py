@@ -1,0 +1,271 @@
+"""
+Train the VMAE: stage 1 (masked VAE pre-training at 128 px) and stage 3 (fine-tuning at 256 px).
+
+The defaults reproduce the authors' stage-1 run; configs/ holds one file per stage. Any setting
+can be overridden: `python train_vmae.py [config files...] --name value`.
+
+On a CPU, the small preset on the built-in dataset (a few minutes):
+$ python train_vmae.py configs/vmae_small.py
+One GPU:
+$ python train_vmae.py configs/vmae_stage1.py --data /data/imagenet/train
+One node, 8 GPUs:
+$ torchrun --standalone --nproc_per_node=8 train_vmae.py configs/vmae_stage1.py --data /data/imagenet/train
+Two nodes of 8 GPUs (run on each, with its --node_rank; add NCCL_IB_DISABLE=1 without InfiniBand):
+$ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train_vmae.py ...
+Stage 3 (256 px, no mask, posterior mean, MSE + 10 x LPIPS, decoder only), from the stage-1 weights:
+$ torchrun --standalone --nproc_per_node=8 train_vmae.py configs/vmae_stage3.py --data /data/imagenet/train --init_from out/vmae_stage1/last.pt
+Continue a run that stopped (same command plus --resume):
+$ python train_vmae.py configs/vmae_small.py --resume
+"""
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import time
+
+import torch
+
+import common
+import data
+import vmae
+from evaluate import psnr_per_image
+
+
+@dataclasses.dataclass
+class Config:
+    # data and output
+    data: str = 'builtin'          # image folder (class subfolders or flat) or 'builtin'
+    image_size: int = 128
+    out_dir: str = 'out/vmae'
+    # model
+    model: str = 'VMAE-f8d16'      # a key of vmae.VMAE_models
+    init_from: str = ''            # start from these weights (stage 3: the stage-1 last.pt; the authors' files work too)
+    # objective, Eq. 2 (defaults: the authors' stage 1)
+    mask_ratio: float = 0.25
+    sample_posterior: bool = True  # decode a posterior sample (stage 1) or the mean (stage 3)
+    mask_weight: float = 0.5
+    visible_weight: float = 0.5
+    perceptual_weight: float = 0.5
+    kl_weight: float = 1e-6
+    kl_target_std: float = 1e-3
+    kl_standard: bool = False      # textbook VAE KL instead (the VAE baseline)
+    input_noise_std: float = 0.0   # > 0: the denoising-autoencoder baseline (noise on the input, clean target)
+    train_encoder: bool = True     # False: freeze the encoder and to_latent (stage 3 as the paper describes)
+    # optimisation (lr = blr x batch_size / 256)
+    batch_size: int = 2048         # global batch per optimizer step; micro-batches x ranks x accumulation
+    micro_batch_size: int = 128    # per rank per forward pass
+    blr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    epochs: float = 400.0          # length of the cosine schedule
+    stop_epoch: float = 0.0        # stop early at this epoch (0: run the whole schedule)
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 0.0         # 0: no clipping (the authors)
+    # system
+    device: str = 'auto'           # auto, cpu, cuda
+    dtype: str = 'bf16'            # bf16, fp16 or fp32 autocast on CUDA (CPU runs fp32)
+    compile: bool = False          # torch.compile the model
+    num_workers: int = 8
+    seed: int = 0
+    # logging and checkpoints
+    log_every: int = 50
+    ckpt_every: int = 1000         # write out_dir/last.pt every N steps (and at the end)
+    keep_every: int = 0            # also keep out_dir/ckpt_<step>.pt every N steps (0: never)
+    image_every: int = 1000        # originals vs reconstructions PNG every N steps
+    resume: bool = False           # continue from out_dir/last.pt
+
+
+def main(cfg):
+    dist = common.setup_distributed(cfg.device)
+    common.enable_tf32()
+    device = dist.device
+    say = common.print0
+    if cfg.model not in vmae.VMAE_models:
+        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(vmae.VMAE_models)}")
+    if cfg.dtype not in ('bf16', 'fp16', 'fp32'):
+        raise ValueError(f"dtype must be bf16, fp16 or fp32, got '{cfg.dtype}'")
+    per_step = cfg.micro_batch_size * dist.world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x ranks = {per_step}")
+    accum = cfg.batch_size // per_step
+    last_path = os.path.join(cfg.out_dir, 'last.pt')
+    if cfg.resume and not os.path.isfile(last_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
+    if not cfg.resume and os.path.isfile(last_path):
+        raise ValueError(f"{last_path} exists: pass --resume to continue that run, or choose another --out_dir")
+
+    # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
+    dataset = data.build_dataset(cfg.data, cfg.image_size, train=True)
+    sampler = data.ResumableSampler(len(dataset), dist.rank, dist.world_size, cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
+    steps_per_epoch = sampler.per_rank // (cfg.micro_batch_size * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images cannot fill one step of batch_size {cfg.batch_size}: lower --batch_size")
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    stop_step = min(total_steps, round(cfg.stop_epoch * steps_per_epoch)) if cfg.stop_epoch else total_steps
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    lr = cfg.blr * cfg.batch_size / 256
+    weights = vmae.LossWeights(cfg.mask_weight, cfg.visible_weight, cfg.perceptual_weight, cfg.kl_weight,
+                               cfg.kl_target_std, cfg.kl_standard)
+    val_images = fixed_val_batch(cfg, dataset)
+
+    # model: the mask token exists only when masking is on, so DDP sees no unused parameters
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = vmae.VMAE_models[cfg.model](img_size=cfg.image_size, mask_token=cfg.mask_ratio > 0)
+    if cfg.init_from and not cfg.resume:
+        model.load_weights(init_state(cfg.init_from))
+    if not cfg.train_encoder:
+        for module in (model.patch_embed, model.blocks, model.norm, model.to_latent):
+            module.requires_grad_(False)
+    model.to(device)
+    perceptual = vmae.lpips_vgg().to(device) if weights.perceptual > 0 else None
+    optimizer = make_optimizer(model, lr, cfg)
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == 'fp16' and device.type == 'cuda')
+    step = 0
+    if cfg.resume:
+        ckpt = vmae.read_checkpoint(last_path)
+        model.load_weights(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step = ckpt['step']
+        say(f"resumed from {last_path} at step {step}")
+    say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
+        f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
+        f"{cfg.batch_size} per step | lr {lr:.3g} | {steps_per_epoch} steps/epoch | {stop_step} steps | {device} {cfg.dtype}")
+    train_model = model
+    if cfg.compile:
+        say("compiling the model (takes a minute)...")
+        train_model = torch.compile(model)
+    if dist.ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
+
+    log = common.RunLog(cfg.out_dir, dist.master, step, stop_step)
+    stats, images_seen, t0 = torch.zeros(6, device=device), 0, time.time()
+    model.train()
+    while step < stop_step:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, step_in_epoch * accum * cfg.micro_batch_size)
+        batches = iter(loader)
+        for _ in range(step_in_epoch, steps_per_epoch):
+            if step >= stop_step:
+                break
+            torch.manual_seed(common.seed_for(cfg.seed, dist.rank, step))  # masks and posterior noise follow (seed, rank, step): resume is exact
+            for g in optimizer.param_groups:
+                g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
+            for micro in range(accum):
+                x, _ = next(batches)
+                x = x.to(device, non_blocking=True)
+                # gradients are all-reduced only on the last micro-batch
+                sync = micro == accum - 1 or not dist.ddp
+                with (train_model.no_sync() if not sync else contextlib.nullcontext()), common.autocast(device, cfg.dtype):
+                    noisy = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
+                    recon, mask, posterior = train_model(noisy, cfg.mask_ratio, cfg.sample_posterior)
+                    loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
+                    scaler.scale(loss / accum).backward()
+                stats += torch.stack([loss.detach().float(), *(terms.get(k, torch.zeros(())).detach().float()
+                                      for k in ('mse_masked', 'mse_visible', 'lpips', 'kl')), torch.ones((), device=device)])
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            images_seen += cfg.batch_size
+            log.step()
+
+            last = step == stop_step
+            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
+                # averaged over ranks and the interval; a NaN/inf anywhere stops every rank before anything is saved
+                mean = common.all_reduce_mean(stats)
+                mean = mean[:5] / mean[5]
+                if not torch.isfinite(mean[0]):
+                    log.close()
+                    raise FloatingPointError(f"loss is {mean[0].item()} at step {step}: stopping; {last_path} still holds the last good "
+                                             f"checkpoint (try a lower --blr, --dtype fp32 or --grad_clip 1.0)")
+                elapsed = time.time() - t0
+                terms = dict(zip(('loss', 'mse_masked', 'mse_visible', 'lpips', 'kl'), mean))
+                used = {'mse_masked': cfg.mask_ratio > 0, 'lpips': weights.perceptual > 0, 'kl': weights.kl > 0}
+                log.log(step, {**{k: v for k, v in terms.items() if used.get(k, True)}, 'lr': optimizer.param_groups[0]['lr'],
+                               'img_per_s': images_seen / elapsed, 'epoch': step / steps_per_epoch})
+                stats.zero_()
+                images_seen, t0 = 0, time.time()
+            if dist.master and (step % cfg.image_every == 0 or last):
+                log.log(step, {'val_psnr': save_reconstructions(model, val_images, cfg, step)})
+            if dist.master and (step % cfg.ckpt_every == 0 or last):
+                ckpt = checkpoint(model, optimizer, scaler, step, cfg)
+                common.save_checkpoint(ckpt, last_path)
+                if cfg.keep_every and step % cfg.keep_every == 0:
+                    common.save_checkpoint(ckpt, os.path.join(cfg.out_dir, f'ckpt_{step:07d}.pt'))
+    log.close()
+    say(f"done: {last_path}")
+    common.cleanup_distributed()
+
+
+def init_state(path):
+    """Weights to start from: a train_vmae.py checkpoint or an authors' file (both under 'model')."""
+    ckpt = vmae.read_checkpoint(path)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and 'to_latent.weight' in ckpt['model']):
+        raise ValueError(f"--init_from '{path}' is not a VMAE checkpoint (expected weights under 'model' with keys like to_latent.weight)")
+    return ckpt['model']
+
+
+def make_optimizer(model, lr, cfg):
+    """AdamW with weight decay on weight matrices (and the mask token) only, as timm's
+    param_groups_weight_decay that the authors used; frozen tensors are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{'params': decay, 'weight_decay': cfg.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def lr_at(step, lr, min_lr, warmup_steps, total_steps):
+    """Linear warm-up from 0, then a half-cycle cosine to min_lr at the end of the schedule."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def checkpoint(model, optimizer, scaler, step, cfg):
+    """Everything --resume needs; the data order and random draws are functions of (seed, step)."""
+    return {'kind': 'vmae', 'version': 1, 'model_args': dict(model.args, mask_token=model.mask_token is not None),
+            'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'step': step, 'config': dataclasses.asdict(cfg)}
+
+
+def fixed_val_batch(cfg, train_set, n=8):
+    """The same n centre-cropped images every time: the held-out split of the built-in data, or
+    images spread over the training folder."""
+    if cfg.data == 'builtin':
+        dataset = data.build_dataset('builtin', cfg.image_size, split='val')
+    else:
+        dataset = copy.copy(train_set)
+        dataset.train = dataset.flip = False
+    indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
+    return torch.stack([dataset[i][0] for i in indices])
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, cfg, step):
+    """Originals (top) vs reconstructions from the posterior mean (bottom) -> PNG; returns their PSNR."""
+    model.eval()
+    device = next(model.parameters()).device
+    recon = model.decode(model.encode(images.to(device)).mode()).float().cpu()
+    model.train()
+    data.save_grid(torch.cat([images, recon]), os.path.join(cfg.out_dir, f'recon_{step:07d}.png'), ncol=len(images),
+                   row_labels=['original', 'reconstruction'], upscale=max(1, 128 // cfg.image_size))
+    return float(psnr_per_image(data.to_uint8(images).numpy(), data.to_uint8(recon).numpy()).mean())
+
+
+if __name__ == '__main__':
+    config = common.parse_config(Config, description=__doc__.split('\n\n')[0])
+    with common.clear_errors():
+        main(config)
