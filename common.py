@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # config: dataclass defaults <- config files <- --flags
@@ -133,9 +134,9 @@ def enable_tf32():
 
 
 def all_reduce_mean(x):
-    """Mean of a tensor over ranks (identity without DDP)."""
+    """Mean of a tensor over ranks (a copy of it without DDP)."""
+    x = x.clone()
     if dist.is_initialized():
-        x = x.clone()
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
@@ -149,6 +150,23 @@ def unwrap(model):
 # -----------------------------------------------------------------------------
 # checkpoints and logs
 
+def run_checkpoint_path(out_dir, resume):
+    """out_dir/last.pt, checked against --resume: resuming needs it, a fresh run must not overwrite it."""
+    path = os.path.join(out_dir, 'last.pt')
+    if resume and not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if not resume and os.path.isfile(path):
+        raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
+    return path
+
+
+def save_run_checkpoint(ckpt, out_dir, step, keep_every):
+    """Replace out_dir/last.pt; every keep_every steps also keep out_dir/ckpt_<step>.pt."""
+    save_checkpoint(ckpt, os.path.join(out_dir, 'last.pt'))
+    if keep_every and step % keep_every == 0:
+        save_checkpoint(ckpt, os.path.join(out_dir, f'ckpt_{step:07d}.pt'))
+
+
 def save_checkpoint(obj, path):
     """Write to a temporary file, then rename: a crash mid-write never destroys the last good file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -159,6 +177,49 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+class ShardedArrays:
+    """Arrays of `num_items` rows (memory-mapped `<folder>/<name>.npy`) filled batch by batch, the
+    batches dealt round-robin to the ranks. A batch is marked in `<folder>/done.npy` only after its
+    rows are flushed to disk, so a killed job restarts exactly where it stopped. Used for latent
+    extraction and for 50k-sample runs."""
+
+    def __init__(self, folder, num_items, batch_size, specs, dist):
+        """specs: {name: (row shape, dtype)}."""
+        self.folder, self.batch_size, self.num_items, self.dist = folder, batch_size, num_items, dist
+        done_path = os.path.join(folder, 'done.npy')
+        if dist.master and not os.path.isfile(done_path):
+            os.makedirs(folder, exist_ok=True)
+            for name, (shape, dtype) in specs.items():
+                np.lib.format.open_memmap(os.path.join(folder, f'{name}.npy'), 'w+', dtype, (num_items, *shape))
+            np.save(done_path, np.zeros(-(-num_items // batch_size), dtype=bool))
+        barrier()
+        self.arrays = {name: np.load(os.path.join(folder, f'{name}.npy'), mmap_mode='r+') for name in specs}
+        self.done = np.load(done_path, mmap_mode='r+')
+
+    def todo(self):
+        """This rank's unfinished batches, as (batch number, row indices) pairs."""
+        return [(b, list(range(b * self.batch_size, min(self.num_items, (b + 1) * self.batch_size))))
+                for b in range(len(self.done)) if b % self.dist.world_size == self.dist.rank and not self.done[b]]
+
+    def write(self, b, **rows):
+        start = b * self.batch_size
+        for name, values in rows.items():
+            self.arrays[name][start:start + len(values)] = values
+            self.arrays[name].flush()
+        self.done[b] = True
+        self.done.flush()
+
+    def finish(self):
+        """Wait for every rank; True when all batches are done."""
+        barrier()
+        return bool(np.load(os.path.join(self.folder, 'done.npy')).all())
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 class RunLog:
     """Rank 0 prints a line every `log_every` steps and appends the same numbers to
     `<out_dir>/log.jsonl`; other ranks stay quiet."""
@@ -167,7 +228,6 @@ class RunLog:
         self.master, self.path = master, os.path.join(out_dir, 'log.jsonl')
         self.bar = None
         if master:
-            from tqdm import tqdm
             os.makedirs(out_dir, exist_ok=True)
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, smoothing=0.1)
         self.last_time = time.time()
@@ -191,6 +251,28 @@ class RunLog:
     def close(self):
         if self.bar:
             self.bar.close()
+
+
+class Meter:
+    """Sums scalar metrics on the device between log steps, so training never waits on a sync;
+    `average()` means them over steps and ranks, and stops the run on a NaN/inf loss."""
+
+    def __init__(self, names, device):
+        self.names, self.device = list(names), device
+        self.sums = torch.zeros(len(self.names) + 1, device=device)
+
+    def add(self, values):
+        self.sums += torch.stack([values[n].detach().float() if n in values else torch.zeros((), device=self.device)
+                                  for n in self.names] + [torch.ones((), device=self.device)])
+
+    def average(self, step, last_good):
+        sums = all_reduce_mean(self.sums)  # every rank gets the same numbers, so every rank stops together
+        self.sums.zero_()
+        means = dict(zip(self.names, (sums[:-1] / sums[-1]).tolist()))
+        if not np.isfinite(means[self.names[0]]):
+            raise FloatingPointError(f"{self.names[0]} is {means[self.names[0]]} at step {step}: stopping; {last_good} still holds "
+                                     f"the last good checkpoint (try a lower learning rate, --dtype fp32 or --grad_clip 1.0)")
+        return means
 
 
 def print0(*args):

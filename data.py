@@ -309,6 +309,19 @@ def index_seed(seed, epoch, index):
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def step_batches(loader, sampler, start_step, steps_per_epoch, accum):
+    """Endless (step, [accum micro-batches]) from `start_step` on: epoch e = step // steps_per_epoch,
+    and a run resumed mid-epoch restarts the sampler at the exact next item."""
+    step = start_step
+    while True:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, step_in_epoch * accum * loader.batch_size)
+        batches = iter(loader)
+        for _ in range(step_in_epoch, steps_per_epoch):
+            yield step, [next(batches) for _ in range(accum)]
+            step += 1
+
+
 class ResumableSampler(torch.utils.data.Sampler):
     """Shard `rank` of a seeded per-epoch permutation (DistributedSampler's layout: the tail that
     does not divide evenly is dropped). `set_epoch(epoch, start)` skips the first `start` items of

@@ -92,11 +92,7 @@ def main(cfg):
     if cfg.batch_size % per_step:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x ranks = {per_step}")
     accum = cfg.batch_size // per_step
-    last_path = os.path.join(cfg.out_dir, 'last.pt')
-    if cfg.resume and not os.path.isfile(last_path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
-    if not cfg.resume and os.path.isfile(last_path):
-        raise ValueError(f"{last_path} exists: pass --resume to continue that run, or choose another --out_dir")
+    last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
 
     # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=True)
@@ -145,63 +141,47 @@ def main(cfg):
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
 
     log = common.RunLog(cfg.out_dir, dist.master, step, stop_step)
-    stats, images_seen, t0 = torch.zeros(6, device=device), 0, time.time()
+    meter = common.Meter(['loss', 'mse_masked', 'mse_visible', 'lpips', 'kl'], device)
+    logged = ['loss', 'mse_visible'] + (['mse_masked'] if cfg.mask_ratio > 0 else []) + \
+        (['lpips'] if weights.perceptual > 0 else []) + (['kl'] if weights.kl > 0 else [])
+    images_seen, t0 = 0, time.time()
     model.train()
-    while step < stop_step:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, step_in_epoch * accum * cfg.micro_batch_size)
-        batches = iter(loader)
-        for _ in range(step_in_epoch, steps_per_epoch):
-            if step >= stop_step:
-                break
-            torch.manual_seed(common.seed_for(cfg.seed, dist.rank, step))  # masks and posterior noise follow (seed, rank, step): resume is exact
-            for g in optimizer.param_groups:
-                g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
-            for micro in range(accum):
-                x, _ = next(batches)
-                x = x.to(device, non_blocking=True)
-                # gradients are all-reduced only on the last micro-batch
-                sync = micro == accum - 1 or not dist.ddp
-                with (train_model.no_sync() if not sync else contextlib.nullcontext()), common.autocast(device, cfg.dtype):
-                    noisy = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
-                    recon, mask, posterior = train_model(noisy, cfg.mask_ratio, cfg.sample_posterior)
-                    loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
-                    scaler.scale(loss / accum).backward()
-                stats += torch.stack([loss.detach().float(), *(terms.get(k, torch.zeros(())).detach().float()
-                                      for k in ('mse_masked', 'mse_visible', 'lpips', 'kl')), torch.ones((), device=device)])
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            images_seen += cfg.batch_size
-            log.step()
+    for step, micro_batches in data.step_batches(loader, sampler, step, steps_per_epoch, accum):
+        if step >= stop_step:
+            break
+        torch.manual_seed(common.seed_for(cfg.seed, dist.rank, step))  # masks and posterior noise follow (seed, rank, step): resume is exact
+        for g in optimizer.param_groups:
+            g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
+        for micro, (x, _) in enumerate(micro_batches):
+            x = x.to(device, non_blocking=True)
+            # gradients are all-reduced only on the last micro-batch
+            sync = micro == accum - 1 or not dist.ddp
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), common.autocast(device, cfg.dtype):
+                noisy = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
+                recon, mask, posterior = train_model(noisy, cfg.mask_ratio, cfg.sample_posterior)
+                loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
+                scaler.scale(loss / accum).backward()
+            meter.add({'loss': loss, **terms})
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        images_seen += cfg.batch_size
+        log.step()
 
-            last = step == stop_step
-            if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
-                # averaged over ranks and the interval; a NaN/inf anywhere stops every rank before anything is saved
-                mean = common.all_reduce_mean(stats)
-                mean = mean[:5] / mean[5]
-                if not torch.isfinite(mean[0]):
-                    log.close()
-                    raise FloatingPointError(f"loss is {mean[0].item()} at step {step}: stopping; {last_path} still holds the last good "
-                                             f"checkpoint (try a lower --blr, --dtype fp32 or --grad_clip 1.0)")
-                elapsed = time.time() - t0
-                terms = dict(zip(('loss', 'mse_masked', 'mse_visible', 'lpips', 'kl'), mean))
-                used = {'mse_masked': cfg.mask_ratio > 0, 'lpips': weights.perceptual > 0, 'kl': weights.kl > 0}
-                log.log(step, {**{k: v for k, v in terms.items() if used.get(k, True)}, 'lr': optimizer.param_groups[0]['lr'],
-                               'img_per_s': images_seen / elapsed, 'epoch': step / steps_per_epoch})
-                stats.zero_()
-                images_seen, t0 = 0, time.time()
-            if dist.master and (step % cfg.image_every == 0 or last):
-                log.log(step, {'val_psnr': save_reconstructions(model, val_images, cfg, step)})
-            if dist.master and (step % cfg.ckpt_every == 0 or last):
-                ckpt = checkpoint(model, optimizer, scaler, step, cfg)
-                common.save_checkpoint(ckpt, last_path)
-                if cfg.keep_every and step % cfg.keep_every == 0:
-                    common.save_checkpoint(ckpt, os.path.join(cfg.out_dir, f'ckpt_{step:07d}.pt'))
+        last = step == stop_step
+        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
+            means = meter.average(step, last_path)  # raises on NaN/inf before anything is saved
+            log.log(step, {**{k: means[k] for k in logged}, 'lr': optimizer.param_groups[0]['lr'],
+                           'img_per_s': images_seen / (time.time() - t0), 'epoch': step / steps_per_epoch})
+            images_seen, t0 = 0, time.time()
+        if dist.master and (step % cfg.image_every == 0 or last):
+            log.log(step, {'val_psnr': save_reconstructions(model, val_images, cfg, step)})
+        if dist.master and (step % cfg.ckpt_every == 0 or last):
+            common.save_run_checkpoint(checkpoint(model, optimizer, scaler, step, cfg), cfg.out_dir, step, cfg.keep_every)
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()

@@ -1,0 +1,314 @@
+"""
+Train the DiT on VMAE latents: extract the latents once, then rectified-flow training.
+
+1. Extraction (skipped when out_dir/latents is complete; resumable; sharded over ranks): every image
+   is centre-cropped and encoded with the VMAE, and the posterior moments (mean || log-variance) of
+   the image and of its mirror are stored in a memory-mapped array with the labels, as the authors
+   did. Per-channel mean/std are measured on 10k posterior samples.
+2. Training: each item takes the image or its mirror (p = 1/2) and a fresh posterior sample,
+   standardised by those statistics; the DiT learns the velocity of the straight path from noise.
+   AdamW at a constant lr, EMA from step 0; checkpoints carry the latent statistics.
+
+On a CPU, the small models on the built-in dataset (a few minutes; needs a trained VMAE-small):
+$ python train_dit.py configs/dit_small.py --vmae out/vmae_small/last.pt
+ImageNet, DiT-B/1, 8 GPUs (the paper: batch 1024, 100k steps):
+$ torchrun --standalone --nproc_per_node=8 train_dit.py configs/dit_imagenet.py --data /data/imagenet/train --vmae out/vmae_stage3/last.pt
+Multi-node as in train_vmae.py; continue a stopped run with the same command plus --resume.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import data
+import dit
+import vmae
+
+
+@dataclasses.dataclass
+class Config:
+    # data, autoencoder and output
+    data: str = 'builtin'          # image folder (class subfolders, or flat = unconditional) or 'builtin'
+    image_size: int = 256
+    vmae: str = ''                 # VMAE checkpoint (train_vmae.py's last.pt or the authors' vmaef8d16.pth)
+    out_dir: str = 'out/dit'
+    latents: str = ''              # where the latents live ('' = out_dir/latents); share it between runs
+    latent_dtype: str = 'float32'  # float32 as the authors; float16 halves the disk (ImageNet: 335 GB -> 168 GB)
+    extract_batch_size: int = 64
+    # model
+    model: str = 'DiT-B/1'
+    qk_norm: bool = True           # the paper's fix for attention-logit growth (off in the authors' CelebA-HQ run)
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (0 for unconditional data)
+    # optimisation: the authors' LightningDiT recipe
+    batch_size: int = 1024         # global batch per step
+    micro_batch_size: int = 128    # per rank per forward pass
+    lr: float = 2e-4               # constant, no warm-up
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    ema_decay: float = 0.9999
+    max_steps: int = 100_000
+    # system
+    device: str = 'auto'
+    dtype: str = 'bf16'            # autocast on CUDA: bf16, fp16 or fp32 (CPU runs fp32)
+    compile: bool = False
+    num_workers: int = 8
+    seed: int = 0
+    # logging, checkpoints and sample grids
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_every: int = 20_000       # also keep out_dir/ckpt_<step>.pt (0: only last.pt)
+    sample_every: int = 10_000     # a PNG grid of EMA samples
+    sample_steps: int = 50         # Euler steps for those grids (sample.py defaults to 250)
+    sample_cfg_scale: float = 4.0
+    resume: bool = False
+
+
+def main(cfg):
+    dist = common.setup_distributed(cfg.device)
+    common.enable_tf32()
+    device, say = dist.device, common.print0
+    if cfg.model not in dit.DiT_models:
+        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(dit.DiT_models)}")
+    per_step = cfg.micro_batch_size * dist.world_size
+    if cfg.batch_size % per_step:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x ranks = {per_step}")
+    accum = cfg.batch_size // per_step
+    last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
+    latent_dir = cfg.latents or os.path.join(cfg.out_dir, 'latents')
+
+    # 1. latents (the VMAE is needed to extract them and to decode the sample grids)
+    vmae_path = cfg.vmae or read_meta(latent_dir).get('vmae', '')
+    if not vmae_path:
+        raise ValueError("no VMAE given: pass --vmae (a train_vmae.py checkpoint or the authors' vmaef8d16.pth)")
+    autoencoder = vmae.load_vmae(vmae_path, device, img_size=cfg.image_size)
+    meta = read_meta(latent_dir)
+    if not meta.get('complete'):
+        meta = extract_latents(autoencoder, cfg, vmae_path, latent_dir, dist)
+    check_latents_match(meta, cfg, vmae_path, latent_dir)
+    dataset = LatentDataset(latent_dir, meta)
+    stats = {k: torch.tensor(meta[k]) for k in ('mean', 'std')}
+    mean_c, std_c = (stats[k].view(1, -1, 1, 1).to(device) for k in ('mean', 'std'))
+
+    sampler = data.ResumableSampler(len(dataset), dist.rank, dist.world_size, cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
+    steps_per_epoch = sampler.per_rank // (cfg.micro_batch_size * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} latents cannot fill one step of batch_size {cfg.batch_size}: lower --batch_size")
+
+    # 2. model, EMA and optimizer; an unconditional dataset (one class) gets no label dropout and no null class
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    num_classes = meta['num_classes']
+    model = dit.DiT_models[cfg.model](input_size=meta['shape'][-1], in_channels=meta['shape'][1] // 2,
+                                      num_classes=num_classes, use_qknorm=cfg.qk_norm,
+                                      class_dropout_prob=cfg.class_dropout_prob if num_classes > 1 else 0.0).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay, fused=device.type == 'cuda')
+    scaler = torch.amp.GradScaler(enabled=cfg.dtype == 'fp16' and device.type == 'cuda')
+    step = 0
+    if cfg.resume:
+        ckpt = dit.read_checkpoint(last_path)
+        model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step = ckpt['step']
+        say(f"resumed from {last_path} at step {step}")
+    say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} latents "
+        f"{tuple(meta['shape'][1:])} | {num_classes} classes | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} "
+        f"accumulation = {cfg.batch_size} per step | {cfg.max_steps} steps | {device} {cfg.dtype}")
+    train_model = model
+    if cfg.compile:
+        say("compiling the model (takes a minute)...")
+        train_model = torch.compile(model)
+    if dist.ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
+
+    log = common.RunLog(cfg.out_dir, dist.master, step, cfg.max_steps)
+    meter = common.Meter(['loss'], device)
+    images_seen, t0 = 0, time.time()
+    model.train()
+    for step, micro_batches in data.step_batches(loader, sampler, step, steps_per_epoch, accum):
+        if step >= cfg.max_steps:
+            break
+        torch.manual_seed(common.seed_for(cfg.seed, dist.rank, step))  # posterior, noise, t and label dropout follow (seed, rank, step)
+        for micro, (moments, y) in enumerate(micro_batches):
+            moments, y = moments.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
+            mean, logvar = moments.chunk(2, dim=1)
+            x1 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) - mean_c) / std_c  # a fresh posterior sample, standardised
+            sync = micro == accum - 1 or not dist.ddp  # gradients are all-reduced only on the last micro-batch
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), common.autocast(device, cfg.dtype):
+                loss = dit.flow_loss(train_model, x1, y).mean()
+                scaler.scale(loss / accum).backward()
+            meter.add({'loss': loss})
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.ema_decay)
+        step += 1
+        images_seen += cfg.batch_size
+        log.step()
+
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
+            means = meter.average(step, last_path)  # raises on NaN/inf before anything is saved
+            log.log(step, {'loss': means['loss'], 'img_per_s': images_seen / (time.time() - t0), 'epoch': step / steps_per_epoch})
+            images_seen, t0 = 0, time.time()
+        if dist.master and (step % cfg.sample_every == 0 or last):
+            save_sample_grid(ema, autoencoder, stats, meta, cfg, step)
+        if dist.master and (step % cfg.ckpt_every == 0 or last):
+            ckpt = dit.dit_checkpoint(model, ema, stats, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                      step=step, config={**dataclasses.asdict(cfg), 'vmae': os.path.abspath(vmae_path)},
+                                      classes=meta['classes'])
+            common.save_run_checkpoint(ckpt, cfg.out_dir, step, cfg.keep_every)
+    log.close()
+    say(f"done: {last_path}")
+    common.cleanup_distributed()
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+#################################################################################
+#                                Latent Extraction                              #
+#################################################################################
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Posterior moments (2C, h, w) of an image or its mirror (chosen by the item's seed), and the label."""
+
+    def __init__(self, latent_dir, meta):
+        self.path = os.path.join(latent_dir, 'latents.npy')
+        self.labels = np.load(os.path.join(latent_dir, 'labels.npy'))
+        self.num_items = meta['num_items']
+        self.moments = None  # opened in each worker: a memmap must not be pickled into the workers
+
+    def __len__(self):
+        return self.num_items
+
+    def __getitem__(self, item):
+        index, seed = item
+        if self.moments is None:
+            self.moments = np.load(self.path, mmap_mode='r')  # (N, 2 views, 2C, h, w)
+        view = seed & 1  # the seed's lowest bit: unflipped or mirrored, p = 1/2
+        return torch.from_numpy(np.array(self.moments[index, view])), int(self.labels[index])
+
+
+def read_meta(latent_dir):
+    path = os.path.join(latent_dir, 'meta.json')
+    return json.load(open(path)) if os.path.isfile(path) else {}
+
+
+def write_meta(latent_dir, meta):
+    tmp = os.path.join(latent_dir, 'meta.json.tmp')
+    with open(tmp, 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(latent_dir, 'meta.json'))
+
+
+def fingerprint(path):
+    """First 16 hex digits of the file's SHA-256: latents are tied to the exact VMAE weights."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_latents_match(meta, cfg, vmae_path, latent_dir):
+    wanted = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': fingerprint(vmae_path)}
+    wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
+    if wrong:
+        raise ValueError(f"the latents in {latent_dir} were made with another {', '.join(wrong)}: "
+                         f"use another --latents folder, or delete it to extract again")
+
+
+@torch.no_grad()
+def extract_latents(autoencoder, cfg, vmae_path, latent_dir, dist):
+    """Encode every image and its mirror into latent_dir/latents.npy (N, 2, 2C, h, w), sharded over
+    the ranks and resumable (common.ShardedArrays)."""
+    dataset = data.build_dataset(cfg.data, cfg.image_size, train=False, flip=False)
+    n, bs = len(dataset), cfg.extract_batch_size
+    grid, channels = autoencoder.grid, 2 * autoencoder.latent_dim
+    meta = read_meta(latent_dir) or {
+        'data': cfg.data, 'image_size': cfg.image_size, 'vmae': os.path.abspath(vmae_path),
+        'vmae_sha256': fingerprint(vmae_path), 'num_items': n, 'num_classes': dataset.num_classes,
+        'classes': dataset.classes, 'shape': [2, channels, grid, grid], 'dtype': cfg.latent_dtype, 'complete': False}
+    check_latents_match(meta, cfg, vmae_path, latent_dir)
+    if dist.master and not os.path.isfile(os.path.join(latent_dir, 'meta.json')):
+        os.makedirs(latent_dir, exist_ok=True)
+        write_meta(latent_dir, meta)
+    store = common.ShardedArrays(latent_dir, n, bs, {'latents': (meta['shape'], meta['dtype']), 'labels': ((), np.int64)}, dist)
+    todo = store.todo()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i for _, rows in todo for i in rows]),
+                                         batch_size=bs, num_workers=cfg.num_workers)
+    common.print0(f"extracting latents of {n} images into {latent_dir} ({len(todo)} of {len(store.done)} batches left on rank 0)")
+    for (b, _), (x, y) in zip(todo, tqdm(loader, disable=not dist.master, desc='extract')):
+        x = x.to(dist.device)
+        both = [autoencoder.encode(view) for view in (x, x.flip(-1))]  # the mirror is encoded, not the latent flipped
+        moments = torch.stack([torch.cat([p.mean, p.logvar], dim=1) for p in both], dim=1)  # (B, 2, 2C, h, w)
+        store.write(b, latents=moments.cpu().numpy(), labels=y.numpy())
+    if store.finish() and dist.master:
+        meta.update(latent_statistics(store.arrays['latents'], cfg.seed), complete=True)
+        write_meta(latent_dir, meta)
+    common.barrier()
+    return read_meta(latent_dir)
+
+
+def latent_statistics(latents, seed, num=10_000, chunk=1000):
+    """Per-channel mean and (unbiased) std of one posterior sample of each of `num` random unflipped
+    latents, as the authors measured them, in float64."""
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(len(latents), size=min(num, len(latents)), replace=False))
+    total = total_sq = count = 0
+    for start in range(0, len(index), chunk):
+        moments = np.asarray(latents[index[start:start + chunk], 0], dtype=np.float64)  # (n, 2C, h, w)
+        mean, logvar = np.split(moments, 2, axis=1)
+        z = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)
+        total = total + z.sum(axis=(0, 2, 3))
+        total_sq = total_sq + (z ** 2).sum(axis=(0, 2, 3))
+        count += z.shape[0] * z.shape[2] * z.shape[3]
+    mean = total / count
+    std = np.sqrt((total_sq - count * mean ** 2) / (count - 1))
+    return {'mean': mean.tolist(), 'std': std.tolist()}
+
+#################################################################################
+#                                  Sample Grids                                 #
+#################################################################################
+
+@torch.no_grad()
+def save_sample_grid(ema, autoencoder, stats, meta, cfg, step, per_class=4, max_classes=10):
+    """A grid of EMA samples (one row per class, fixed noise) -> out_dir/samples_<step>.png."""
+    device = next(ema.parameters()).device
+    classes = list(range(min(meta['num_classes'], max_classes)))
+    y = torch.tensor(classes, device=device).repeat_interleave(per_class)
+    _, channels, h, w = meta['shape']
+    z = torch.randn(len(y), channels // 2, h, w, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    scale = cfg.sample_cfg_scale if ema.null_label is not None else 1.0
+    latents = dit.euler_sample(ema, z, y, steps=cfg.sample_steps, cfg_scale=scale)
+    images = autoencoder.decode(latents * stats['std'].view(1, -1, 1, 1).to(device) + stats['mean'].view(1, -1, 1, 1).to(device))
+    labels = [meta['classes'][c] for c in classes] if meta['num_classes'] > 1 else None
+    data.save_grid(images, os.path.join(cfg.out_dir, f'samples_{step:07d}.png'), ncol=per_class, row_labels=labels,
+                   upscale=max(1, 128 // cfg.image_size))
+
+
+if __name__ == '__main__':
+    config = common.parse_config(Config, description=__doc__.split('\n\n')[0])
+    with common.clear_errors():
+        main(config)
