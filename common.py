@@ -11,6 +11,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -251,6 +252,15 @@ class RunLog:
     def close(self):
         if self.bar:
             self.bar.close()
+
+
+def fingerprint(path):
+    """First 16 hex digits of a file's SHA-256: ties latents and DiTs to the exact VMAE weights."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 class Meter:

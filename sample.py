@@ -75,6 +75,9 @@ def load_models(args, device):
     vmae_path = args.vmae or config.get('vmae', '')
     if not vmae_path:
         raise ValueError(f"no VMAE to decode with: pass --vmae (the checkpoint {args.dit} was trained on)")
+    if args.vmae and config.get('vmae_sha256') not in (None, common.fingerprint(args.vmae)):
+        common.print0(f"note: decoding with {args.vmae}, not the VMAE this DiT was trained on ({config.get('vmae')}): "
+                      f"right for a decoder fine-tuned with the encoder frozen, wrong otherwise")
     C, H, W = model.in_channels, model.model_args['input_size'], model.model_args['input_size']
     vae = vmae.load_vmae(vmae_path, device, img_size=config.get('image_size'))
     if (vae.latent_dim, vae.grid, vae.grid) != (C, H, W):

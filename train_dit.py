@@ -19,7 +19,6 @@ Multi-node as in train_vmae.py; continue a stopped run with the same command plu
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -173,7 +172,8 @@ def main(cfg):
             save_sample_grid(ema, autoencoder, stats, meta, cfg, step)
         if dist.master and (step % cfg.ckpt_every == 0 or last):
             ckpt = dit.dit_checkpoint(model, ema, stats, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                      step=step, config={**dataclasses.asdict(cfg), 'vmae': os.path.abspath(vmae_path)},
+                                      step=step, config={**dataclasses.asdict(cfg), 'vmae': os.path.abspath(vmae_path),
+                                                                 'vmae_sha256': meta['vmae_sha256']},
                                       classes=meta['classes'])
             common.save_run_checkpoint(ckpt, cfg.out_dir, step, cfg.keep_every)
     log.close()
@@ -222,17 +222,8 @@ def write_meta(latent_dir, meta):
     os.replace(tmp, os.path.join(latent_dir, 'meta.json'))
 
 
-def fingerprint(path):
-    """First 16 hex digits of the file's SHA-256: latents are tied to the exact VMAE weights."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def check_latents_match(meta, cfg, vmae_path, latent_dir):
-    wanted = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': fingerprint(vmae_path)}
+    wanted = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': common.fingerprint(vmae_path)}
     wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
     if wrong:
         raise ValueError(f"the latents in {latent_dir} were made with another {', '.join(wrong)}: "
@@ -248,7 +239,7 @@ def extract_latents(autoencoder, cfg, vmae_path, latent_dir, dist):
     grid, channels = autoencoder.grid, 2 * autoencoder.latent_dim
     meta = read_meta(latent_dir) or {
         'data': cfg.data, 'image_size': cfg.image_size, 'vmae': os.path.abspath(vmae_path),
-        'vmae_sha256': fingerprint(vmae_path), 'num_items': n, 'num_classes': dataset.num_classes,
+        'vmae_sha256': common.fingerprint(vmae_path), 'num_items': n, 'num_classes': dataset.num_classes,
         'classes': dataset.classes, 'shape': [2, channels, grid, grid], 'dtype': cfg.latent_dtype, 'complete': False}
     check_latents_match(meta, cfg, vmae_path, latent_dir)
     if dist.master and not os.path.isfile(os.path.join(latent_dir, 'meta.json')):

@@ -1,0 +1,129 @@
+"""sample.py end to end on a tiny trained DiT: grids, ADM .npz, determinism, resume, errors.
+Run: python -m pytest tests/test_sample.py"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import dit
+import sample
+import train_dit
+import vmae
+from test_train_dit import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A VMAE-tiny and a DiT-T/1 trained for 4 steps on 3 classes of 32-px images."""
+    root = tmp_path_factory.mktemp('sample')
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / 'images' / f'class{c}').mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) // (c + 1)).save(root / 'images' / f'class{c}' / f'{i}.png')
+    torch.manual_seed(0)
+    model = vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=False)
+    torch.save({'kind': 'vmae', 'version': 1, 'model_args': model.args, 'model': model.state_dict()}, root / 'vmae.pt')
+    train_dit.main(config(root, root / 'dit', max_steps=4, ema_decay=0.5))
+    return root
+
+
+def run_sample(*flags):
+    sample.main(sample.parse_args(list(flags)))
+
+
+def grid(path):
+    return np.asarray(Image.open(path))
+
+
+def test_grid_is_deterministic_per_seed(trained, tmp_path, capsys):
+    ckpt = str(trained / 'dit' / 'last.pt')
+    for name, seed in (('a', 0), ('b', 0), ('c', 1)):
+        run_sample('--dit', ckpt, '--class', '0', '2', '--n', '3', '--steps', '4', '--seed', str(seed), '--out', str(tmp_path / f'{name}.png'))
+    assert 'wrote' in capsys.readouterr().out
+    assert np.array_equal(grid(tmp_path / 'a.png'), grid(tmp_path / 'b.png'))
+    assert not np.array_equal(grid(tmp_path / 'a.png'), grid(tmp_path / 'c.png'))
+
+
+def test_fid_npz_is_exact_balanced_and_independent_of_batching(trained, tmp_path):
+    ckpt = str(trained / 'dit' / 'last.pt')
+    run_sample('--dit', ckpt, '--num-fid-samples', '10', '--batch-size', '4', '--steps', '3', '--out', str(tmp_path / 'a.npz'))
+    run_sample('--dit', ckpt, '--num-fid-samples', '10', '--batch-size', '3', '--steps', '3', '--out', str(tmp_path / 'b.npz'))
+    a, b = np.load(tmp_path / 'a.npz'), np.load(tmp_path / 'b.npz')
+    assert a['arr_0'].shape == (10, 32, 32, 3) and a['arr_0'].dtype == np.uint8
+    assert a['arr_1'].tolist() == [i % 3 for i in range(10)]
+    assert np.array_equal(a['arr_0'], b['arr_0'])
+    assert not os.path.exists(tmp_path / 'a.npz.parts')
+    # sample i's noise depends on (seed, i) only: generating sample 3 alone gives the npz's image 3
+    args = sample.parse_args(['--dit', ckpt, '--steps', '3'])
+    model, stats, vae, _ = sample.load_models(args, torch.device('cpu'))
+    alone = sample.generate(model, vae, stats, [0], [3], args, torch.device('cpu'))
+    assert np.array_equal(data.to_uint8(alone)[0].numpy(), a['arr_0'][3])
+
+
+def test_fid_sampling_resumes(trained, tmp_path):
+    ckpt, out = str(trained / 'dit' / 'last.pt'), str(tmp_path / 's.npz')
+    run_sample('--dit', ckpt, '--num-fid-samples', '9', '--batch-size', '4', '--steps', '3', '--out', out)
+    full = np.load(out)['arr_0']
+    os.remove(out)
+    # a run killed after its first batch: rows 0-3 on disk, the rest missing
+    import common
+    store = common.ShardedArrays(out + '.parts', 9, 4, {'images': ((32, 32, 3), np.uint8), 'labels': ((), np.int64)}, common.Dist())
+    store.write(0, images=full[:4], labels=np.arange(4) % 3)
+    run_sample('--dit', ckpt, '--num-fid-samples', '9', '--batch-size', '4', '--steps', '3', '--out', out)
+    assert np.array_equal(np.load(out)['arr_0'], full)
+
+
+def test_two_gpus_worth_of_ranks_write_the_same_npz(trained, tmp_path):
+    ckpt = str(trained / 'dit' / 'last.pt')
+    flags = ['--dit', ckpt, '--num-fid-samples', '7', '--batch-size', '2', '--steps', '3', '--device', 'cpu']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    for name, launcher in (('one', []), ('two', ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'])):
+        result = subprocess.run([sys.executable, *launcher, 'sample.py', *flags, '--out', str(tmp_path / f'{name}.npz')],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(tmp_path / 'one.npz')['arr_0'], np.load(tmp_path / 'two.npz')['arr_0'])
+
+
+def test_authors_dit_with_their_latent_stats(trained, tmp_path):
+    ours = dit.read_checkpoint(str(trained / 'dit' / 'last.pt'))
+    torch.save({'ema': ours['ema'], 'model': ours['model'], 'config': {'model': {'model_type': 'LightningDiT-T/1'}}}, tmp_path / 'theirs.pt')
+    stats = ours['latent_stats']
+    torch.save({'mean': stats['mean'].view(1, -1, 1, 1), 'std': stats['std'].view(1, -1, 1, 1)}, tmp_path / 'latents_stats.pt')
+    with pytest.raises(ValueError, match='no latent statistics'):
+        sample.load_models(sample.parse_args(['--dit', str(tmp_path / 'theirs.pt')]), 'cpu')
+    with pytest.raises(ValueError, match='no VMAE'):
+        sample.load_models(sample.parse_args(['--dit', str(tmp_path / 'theirs.pt'), '--latent-stats', str(tmp_path / 'latents_stats.pt')]), 'cpu')
+    run_sample('--dit', str(tmp_path / 'theirs.pt'), '--latent-stats', str(tmp_path / 'latents_stats.pt'), '--vmae', str(trained / 'vmae.pt'),
+               '--class', '1', '--n', '2', '--steps', '3', '--out', str(tmp_path / 'theirs.png'))
+    run_sample('--dit', str(trained / 'dit' / 'last.pt'), '--class', '1', '--n', '2', '--steps', '3', '--out', str(tmp_path / 'ours.png'))
+    assert np.array_equal(grid(tmp_path / 'theirs.png')[:, -70:], grid(tmp_path / 'ours.png')[:, -70:])
+
+
+def cli(*flags):
+    return subprocess.run([sys.executable, 'sample.py', *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_bad_input_is_one_clear_line(trained, tmp_path):
+    ckpt = str(trained / 'dit' / 'last.pt')
+    other = vmae.VMAE(img_size=32, embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=64, decoder_depth=1,
+                      decoder_num_heads=2, latent_dim=8, mask_token=False)
+    torch.save({'kind': 'vmae', 'version': 1, 'model_args': other.args, 'model': other.state_dict()}, tmp_path / 'vmae8.pt')
+    cases = [(['--dit', ckpt, '--class', '3'], 'class 3 is out of range: this DiT has 3 classes (0..2)'),
+             (['--dit', ckpt], 'this DiT is class-conditional: pass --class'),
+             (['--dit', str(tmp_path / 'missing.pt'), '--class', '0'], 'DiT checkpoint not found'),
+             (['--dit', str(trained / 'vmae.pt'), '--class', '0'], "found a checkpoint of kind 'vmae'"),
+             (['--dit', ckpt, '--class', '0', '--vmae', str(tmp_path / 'vmae8.pt')], 'makes latents of shape (8, 4, 4)')]
+    for flags, message in cases:
+        result = cli(*flags, '--steps', '2', '--out', str(tmp_path / 'x.png'))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
