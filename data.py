@@ -223,24 +223,24 @@ class BuiltinShapes(torch.utils.data.Dataset):
 
 
 def draw_shape(label, rng, size, supersample=4):
-    """Draw one image of class `label` at 4x resolution and downsample (anti-aliased edges)."""
+    """One image of class `label`: a noisy vertical-gradient background and the class's shape in its
+    colour, the shape's coverage drawn at 4x resolution and averaged down (anti-aliased edges)."""
     _, shape, hue = BUILTIN_CLASSES[label]
-    s = size * supersample
     top, bottom = rng.uniform(0.05, 0.35, size=3), rng.uniform(0.05, 0.35, size=3)
-    ramp = np.linspace(0, 1, s)[:, None, None]
-    background = (1 - ramp) * top + ramp * bottom + rng.normal(0, 0.03, size=(s, s, 3))
-    img = Image.fromarray(np.uint8(np.clip(background, 0, 1) * 255), 'RGB')
-    draw = ImageDraw.Draw(img)
+    ramp = np.linspace(0, 1, size)[:, None, None]
+    background = (1 - ramp) * top + ramp * bottom + rng.normal(0, 0.02, size=(size, size, 3))  # (size, size, 3)
     if hue is None:
-        color = tuple(int(v) for v in rng.uniform(215, 255, size=3))
+        color = rng.uniform(0.85, 1.0, size=3)
     else:
-        r, g, b = colorsys.hsv_to_rgb((hue + rng.uniform(-0.02, 0.02)) % 1, rng.uniform(0.75, 1), rng.uniform(0.8, 1))
-        color = (int(r * 255), int(g * 255), int(b * 255))
+        color = np.array(colorsys.hsv_to_rgb((hue + rng.uniform(-0.02, 0.02)) % 1, rng.uniform(0.75, 1), rng.uniform(0.8, 1)))
+    s = size * supersample
     radius = s * rng.uniform(0.22, 0.34)
     cx, cy = rng.uniform(radius, s - radius, size=2)
-    angle = rng.uniform(0, 2 * math.pi)
-    draw_primitive(draw, shape, cx, cy, radius, angle, color, s)
-    return img.resize((size, size), Image.LANCZOS)
+    mask = Image.new('L', (s, s), 0)
+    draw_primitive(ImageDraw.Draw(mask), shape, cx, cy, radius, rng.uniform(0, 2 * math.pi), 255, s)
+    alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float64)[..., None] / 255  # (size, size, 1)
+    img = (1 - alpha) * background + alpha * color
+    return Image.fromarray(np.uint8(np.clip(img, 0, 1) * 255 + 0.5), 'RGB')
 
 
 def draw_primitive(draw, shape, cx, cy, r, angle, color, s):

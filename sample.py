@@ -16,7 +16,6 @@ $ torchrun ... sample.py --num-fid-samples 50000 --cfg-scale 10 --cfg-channels 3
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -68,7 +67,7 @@ def load_models(args, device):
     the class names; every mismatch is a one-line error."""
     model = dit.load_dit(args.dit, device, args.weights)
     config = model.meta.get('config', {})
-    stats = read_latent_stats(args.latent_stats) if args.latent_stats else model.latent_stats
+    stats = vmae.read_latent_stats(args.latent_stats) if args.latent_stats else model.latent_stats
     if stats is None:
         raise ValueError(f"{args.dit} carries no latent statistics (the authors' checkpoints do not): pass --latent-stats "
                          f"(their latents_stats.pt, or a train_dit.py latents/meta.json)")
@@ -84,17 +83,6 @@ def load_models(args, device):
         raise ValueError(f"the VMAE {vmae_path} makes latents of shape ({vae.latent_dim}, {vae.grid}, {vae.grid}) but the "
                          f"DiT {args.dit} models ({C}, {H}, {W}): pass the VMAE the DiT was trained on")
     return model, {k: torch.as_tensor(v, dtype=torch.float32).flatten().to(device) for k, v in stats.items()}, vae, model.meta.get('classes')
-
-
-def read_latent_stats(path):
-    """{'mean', 'std'} from the authors' latents_stats.pt (tensors (1, C, 1, 1)) or a train_dit.py meta.json."""
-    if path.endswith('.json'):
-        meta = json.load(open(path))
-        return {k: meta[k] for k in ('mean', 'std')}
-    stats = vmae.read_checkpoint(path)
-    if not (isinstance(stats, dict) and {'mean', 'std'} <= stats.keys()):
-        raise ValueError(f"{path} is not a latent-statistics file: expected a dict with 'mean' and 'std'")
-    return stats
 
 
 def check_classes(model, classes):

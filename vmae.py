@@ -23,6 +23,7 @@ Usage:
 
 import argparse
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -391,6 +392,23 @@ def read_checkpoint(path):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean: not a checkpoint we can read safely
         raise ValueError(f"'{path}' is not a PyTorch checkpoint this project can read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def read_latent_stats(path):
+    """Per-channel mean and std (C,) of VMAE latents, as a DiT standardised them: from a train_dit.py
+    checkpoint ('latent_stats') or its latents/meta.json, or the authors' latents_stats.pt ((1, C, 1, 1))."""
+    if path.endswith('.json'):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"'{path}' not found")
+        with open(path) as f:
+            stats = json.load(f)
+    else:
+        ckpt = read_checkpoint(path)
+        stats = ckpt.get('latent_stats', ckpt) if isinstance(ckpt, dict) else None
+    if not (isinstance(stats, dict) and stats.get('mean') is not None and stats.get('std') is not None):
+        raise ValueError(f"'{path}' holds no latent statistics: expected a train_dit.py checkpoint or latents/meta.json, "
+                         f"or the authors' latents_stats.pt (a dict with 'mean' and 'std')")
+    return {k: torch.as_tensor(stats[k], dtype=torch.float32).flatten() for k in ('mean', 'std')}
 
 
 def load_vmae(path, device='cpu', img_size=None):
