@@ -241,6 +241,8 @@ class RunLog:
         if not self.master:
             return
         metrics = {'step': step, **{k: float(v) for k, v in metrics.items()}}
+        if torch.cuda.is_available():
+            metrics['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
         with open(self.path, 'a') as f:
             f.write(json.dumps(metrics) + '\n')
         self.print(f"step {step}: " + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'step'))

@@ -2,12 +2,12 @@
 data = 'builtin'
 image_size = 32
 out_dir = 'out/dit_small'
-model = 'DiT-S/1'
+model = 'DiT-T/1'
 batch_size = 128
 micro_batch_size = 128
 lr = 1e-3
-ema_decay = 0.999       # a short run needs a short EMA
-max_steps = 1500
+ema_decay = 0.99        # a 1000-step run needs a short EMA (0.9999 would still be 90% the initial weights)
+max_steps = 1000
 dtype = 'fp32'
 num_workers = 1
 log_every = 100
