@@ -143,6 +143,34 @@ def all_reduce_mean(x):
     return x
 
 
+def wrap_for_training(model, compile, dist):
+    """torch.compile, then DDP (in that order, as PyTorch recommends). The returned module is for the
+    forward/backward; checkpoints save the plain `model`, so they carry no wrapper prefixes."""
+    if compile:
+        print0("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    if dist.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == 'cuda' else None)
+    return model
+
+
+def micro_batch_context(train_model, last_micro_batch):
+    """Under DDP, gradients are all-reduced only on the last micro-batch of an accumulation cycle."""
+    if last_micro_batch or not hasattr(train_model, 'no_sync'):
+        return contextlib.nullcontext()
+    return train_model.no_sync()
+
+
+def optimizer_step(optimizer, scaler, model, grad_clip):
+    """Unscale (fp16) and clip if asked, step, update the loss scale, clear the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def unwrap(model):
     """The plain module under DDP and torch.compile wrappers (what checkpoints store)."""
     model = getattr(model, 'module', model)
@@ -159,6 +187,15 @@ def run_checkpoint_path(out_dir, resume):
     if not resume and os.path.isfile(path):
         raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
     return path
+
+
+def note_config_changes(saved, cfg, free=('resume', 'stop_epoch', 'max_steps', 'log_every', 'ckpt_every', 'keep_every', 'image_every',
+                                          'sample_every', 'num_workers', 'compile', 'device', 'out_dir', 'vmae', 'latents')):
+    """On resume, name the settings that differ from the checkpoint's run (other than the run's
+    length and bookkeeping): the continuation is then no longer the run that was started."""
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items() if k not in free and k in saved and saved[k] != v]
+    if changed:
+        print0(f"note: resuming with changed settings: {', '.join(changed)}")
 
 
 def save_run_checkpoint(ckpt, out_dir, step, keep_every):
@@ -222,8 +259,8 @@ def barrier():
 
 
 class RunLog:
-    """Rank 0 prints a line every `log_every` steps and appends the same numbers to
-    `<out_dir>/log.jsonl`; other ranks stay quiet."""
+    """A progress bar; rank 0 prints the metrics it is given and appends them to
+    `<out_dir>/log.jsonl`, with the images per second since the last such line."""
 
     def __init__(self, out_dir, master, start_step, total_steps):
         self.master, self.path = master, os.path.join(out_dir, 'log.jsonl')
@@ -231,13 +268,17 @@ class RunLog:
         if master:
             os.makedirs(out_dir, exist_ok=True)
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, smoothing=0.1)
-        self.last_time = time.time()
+        self.images, self.since = 0, time.time()
 
-    def step(self):
+    def step(self, images):
+        self.images += images
         if self.bar:
             self.bar.update(1)
 
     def log(self, step, metrics):
+        if self.images:
+            metrics = {**metrics, 'img_per_s': self.images / (time.time() - self.since)}
+            self.images, self.since = 0, time.time()
         if not self.master:
             return
         metrics = {'step': step, **{k: float(v) for k, v in metrics.items()}}

@@ -304,6 +304,11 @@ def build_dataset(data, image_size, train=False, flip=None, split='train', seed=
     return ImageFolder(data, image_size, train=train, flip=flip)
 
 
+def worker_count(requested):
+    """Loader workers: as asked, but no more than the CPUs this process may use (a laptop has few)."""
+    return min(requested, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
+
+
 def index_seed(seed, epoch, index):
     """A well-mixed 63-bit seed for item `index` in `epoch`."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -13,7 +13,6 @@ Each stage prints the command that does it on its own.
 """
 
 import os
-import sys
 import time
 
 import torch

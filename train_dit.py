@@ -16,12 +16,10 @@ $ torchrun --standalone --nproc_per_node=8 train_dit.py configs/dit_imagenet.py 
 Multi-node as in train_vmae.py; continue a stopped run with the same command plus --resume.
 """
 
-import contextlib
 import copy
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 import torch
@@ -85,6 +83,7 @@ def main(cfg):
     accum = cfg.batch_size // per_step
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
     latent_dir = cfg.latents or os.path.join(cfg.out_dir, 'latents')
+    resume_from = read_run_checkpoint(last_path) if cfg.resume else None  # a wrong file fails before any work
 
     # 1. latents (the VMAE is needed to extract them and to decode the sample grids)
     vmae_path = cfg.vmae or read_meta(latent_dir).get('vmae', '')
@@ -101,7 +100,7 @@ def main(cfg):
 
     sampler = data.ResumableSampler(len(dataset), dist.rank, dist.world_size, cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
+                                         num_workers=data.worker_count(cfg.num_workers), pin_memory=device.type == 'cuda')
     steps_per_epoch = sampler.per_rank // (cfg.micro_batch_size * accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} latents cannot fill one step of batch_size {cfg.batch_size}: lower --batch_size")
@@ -117,27 +116,22 @@ def main(cfg):
                                   weight_decay=cfg.weight_decay, fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(enabled=cfg.dtype == 'fp16' and device.type == 'cuda')
     step = 0
-    if cfg.resume:
-        ckpt = dit.read_checkpoint(last_path)
-        model.load_state_dict(ckpt['model'])
-        ema.load_state_dict(ckpt['ema'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
+    if resume_from is not None:
+        model.load_state_dict(resume_from['model'])
+        ema.load_state_dict(resume_from['ema'])
+        optimizer.load_state_dict(resume_from['optimizer'])
+        scaler.load_state_dict(resume_from['scaler'])
+        step = resume_from['step']
         say(f"resumed from {last_path} at step {step}")
+        common.note_config_changes(resume_from['config'], cfg)
+        resume_from = None  # free the memory
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} latents "
         f"{tuple(meta['shape'][1:])} | {num_classes} classes | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} "
         f"accumulation = {cfg.batch_size} per step | {cfg.max_steps} steps | {device} {cfg.dtype}")
-    train_model = model
-    if cfg.compile:
-        say("compiling the model (takes a minute)...")
-        train_model = torch.compile(model)
-    if dist.ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
+    train_model = common.wrap_for_training(model, cfg.compile, dist)
 
     log = common.RunLog(cfg.out_dir, dist.master, step, cfg.max_steps)
     meter = common.Meter(['loss'], device)
-    images_seen, t0 = 0, time.time()
     model.train()
     for step, micro_batches in data.step_batches(loader, sampler, step, steps_per_epoch, accum):
         if step >= cfg.max_steps:
@@ -147,27 +141,19 @@ def main(cfg):
             moments, y = moments.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
             mean, logvar = moments.chunk(2, dim=1)
             x1 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) - mean_c) / std_c  # a fresh posterior sample, standardised
-            sync = micro == accum - 1 or not dist.ddp  # gradients are all-reduced only on the last micro-batch
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), common.autocast(device, cfg.dtype):
+            with common.micro_batch_context(train_model, micro == accum - 1), common.autocast(device, cfg.dtype):
                 loss = dit.flow_loss(train_model, x1, y).mean()
                 scaler.scale(loss / accum).backward()
             meter.add({'loss': loss})
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        common.optimizer_step(optimizer, scaler, model, cfg.grad_clip)
         update_ema(ema, model, cfg.ema_decay)
         step += 1
-        images_seen += cfg.batch_size
-        log.step()
+        log.step(cfg.batch_size)
 
         last = step == cfg.max_steps
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
             means = meter.average(step, last_path)  # raises on NaN/inf before anything is saved
-            log.log(step, {'loss': means['loss'], 'img_per_s': images_seen / (time.time() - t0), 'epoch': step / steps_per_epoch})
-            images_seen, t0 = 0, time.time()
+            log.log(step, {'loss': means['loss'], 'epoch': step / steps_per_epoch})
         if dist.master and (step % cfg.sample_every == 0 or last):
             save_sample_grid(ema, autoencoder, stats, meta, cfg, step)
         if dist.master and (step % cfg.ckpt_every == 0 or last):
@@ -179,6 +165,13 @@ def main(cfg):
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()
+
+
+def read_run_checkpoint(path):
+    ckpt = dit.read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get('kind') != 'dit' or 'optimizer' not in ckpt:
+        raise ValueError(f"--resume: {path} is not a train_dit.py checkpoint: choose the --out_dir of a DiT run")
+    return ckpt
 
 
 @torch.no_grad()
@@ -248,7 +241,7 @@ def extract_latents(autoencoder, cfg, vmae_path, latent_dir, dist):
     store = common.ShardedArrays(latent_dir, n, bs, {'latents': (meta['shape'], meta['dtype']), 'labels': ((), np.int64)}, dist)
     todo = store.todo()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i for _, rows in todo for i in rows]),
-                                         batch_size=bs, num_workers=cfg.num_workers)
+                                         batch_size=bs, num_workers=data.worker_count(cfg.num_workers))
     common.print0(f"extracting latents of {n} images into {latent_dir} ({len(todo)} of {len(store.done)} batches left on rank 0)")
     for (b, _), (x, y) in zip(todo, tqdm(loader, disable=not dist.master, desc='extract')):
         x = x.to(dist.device)

@@ -18,12 +18,10 @@ Continue a run that stopped (same command plus --resume):
 $ python train_vmae.py configs/vmae_small.py --resume
 """
 
-import contextlib
 import copy
 import dataclasses
 import math
 import os
-import time
 
 import torch
 
@@ -94,11 +92,15 @@ def main(cfg):
     accum = cfg.batch_size // per_step
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
 
+    # read the checkpoints first, so a wrong file fails before the data scan
+    resume_from = read_run_checkpoint(last_path) if cfg.resume else None
+    init_weights = init_state(cfg.init_from) if cfg.init_from and not cfg.resume else None
+
     # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=True)
     sampler = data.ResumableSampler(len(dataset), dist.rank, dist.world_size, cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
+                                         num_workers=data.worker_count(cfg.num_workers), pin_memory=device.type == 'cuda')
     steps_per_epoch = sampler.per_rank // (cfg.micro_batch_size * accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images cannot fill one step of batch_size {cfg.batch_size}: lower --batch_size")
@@ -113,8 +115,8 @@ def main(cfg):
     # model: the mask token exists only when masking is on, so DDP sees no unused parameters
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = vmae.VMAE_models[cfg.model](img_size=cfg.image_size, mask_token=cfg.mask_ratio > 0)
-    if cfg.init_from and not cfg.resume:
-        model.load_weights(init_state(cfg.init_from))
+    if init_weights is not None:
+        model.load_weights(init_weights)
     if not cfg.train_encoder:
         for module in (model.patch_embed, model.blocks, model.norm, model.to_latent):
             module.requires_grad_(False)
@@ -123,28 +125,23 @@ def main(cfg):
     optimizer = make_optimizer(model, lr, cfg)
     scaler = torch.amp.GradScaler(enabled=cfg.dtype == 'fp16' and device.type == 'cuda')
     step = 0
-    if cfg.resume:
-        ckpt = vmae.read_checkpoint(last_path)
-        model.load_weights(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
+    if resume_from is not None:
+        model.load_weights(resume_from['model'])
+        optimizer.load_state_dict(resume_from['optimizer'])
+        scaler.load_state_dict(resume_from['scaler'])
+        step = resume_from['step']
         say(f"resumed from {last_path} at step {step}")
+        common.note_config_changes(resume_from['config'], cfg)
+        resume_from = None  # free the memory
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
         f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
         f"{cfg.batch_size} per step | lr {lr:.3g} | {steps_per_epoch} steps/epoch | {stop_step} steps | {device} {cfg.dtype}")
-    train_model = model
-    if cfg.compile:
-        say("compiling the model (takes a minute)...")
-        train_model = torch.compile(model)
-    if dist.ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
+    train_model = common.wrap_for_training(model, cfg.compile, dist)
 
     log = common.RunLog(cfg.out_dir, dist.master, step, stop_step)
     meter = common.Meter(['loss', 'mse_masked', 'mse_visible', 'lpips', 'kl'], device)
     logged = ['loss', 'mse_visible'] + (['mse_masked'] if cfg.mask_ratio > 0 else []) + \
         (['lpips'] if weights.perceptual > 0 else []) + (['kl'] if weights.kl > 0 else [])
-    images_seen, t0 = 0, time.time()
     model.train()
     for step, micro_batches in data.step_batches(loader, sampler, step, steps_per_epoch, accum):
         if step >= stop_step:
@@ -154,30 +151,20 @@ def main(cfg):
             g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
         for micro, (x, _) in enumerate(micro_batches):
             x = x.to(device, non_blocking=True)
-            # gradients are all-reduced only on the last micro-batch
-            sync = micro == accum - 1 or not dist.ddp
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), common.autocast(device, cfg.dtype):
+            with common.micro_batch_context(train_model, micro == accum - 1), common.autocast(device, cfg.dtype):
                 noisy = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
                 recon, mask, posterior = train_model(noisy, cfg.mask_ratio, cfg.sample_posterior)
                 loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
                 scaler.scale(loss / accum).backward()
             meter.add({'loss': loss, **terms})
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        common.optimizer_step(optimizer, scaler, model, cfg.grad_clip)
         step += 1
-        images_seen += cfg.batch_size
-        log.step()
+        log.step(cfg.batch_size)
 
         last = step == stop_step
         if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
             means = meter.average(step, last_path)  # raises on NaN/inf before anything is saved
-            log.log(step, {**{k: means[k] for k in logged}, 'lr': optimizer.param_groups[0]['lr'],
-                           'img_per_s': images_seen / (time.time() - t0), 'epoch': step / steps_per_epoch})
-            images_seen, t0 = 0, time.time()
+            log.log(step, {**{k: means[k] for k in logged}, 'lr': optimizer.param_groups[0]['lr'], 'epoch': step / steps_per_epoch})
         if dist.master and (step % cfg.image_every == 0 or last):
             log.log(step, {'val_psnr': save_reconstructions(model, val_images, cfg, step)})
         if dist.master and (step % cfg.ckpt_every == 0 or last):
@@ -185,6 +172,13 @@ def main(cfg):
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()
+
+
+def read_run_checkpoint(path):
+    ckpt = vmae.read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get('kind') != 'vmae' or 'optimizer' not in ckpt:
+        raise ValueError(f"--resume: {path} is not a train_vmae.py checkpoint: choose the --out_dir of a VMAE run")
+    return ckpt
 
 
 def init_state(path):

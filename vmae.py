@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -321,7 +322,9 @@ def lpips_vgg(pretrained=True):
     from torch.hub import get_dir
     vgg_file = os.path.join(get_dir(), 'checkpoints', 'vgg16-397923af.pth')
     try:
-        net = lpips.LPIPS(net='vgg', pnet_rand=not pretrained, verbose=False)
+        with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=`; the warning is not for our users
+            warnings.filterwarnings('ignore', category=UserWarning, module='torchvision')
+            net = lpips.LPIPS(net='vgg', pnet_rand=not pretrained, verbose=False)
     except Exception as e:  # torchvision raises URLError/RuntimeError/OSError when it cannot download
         raise FileNotFoundError(
             f"LPIPS needs torchvision's VGG16 weights and could not get them ({type(e).__name__}): put "

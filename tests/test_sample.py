@@ -15,7 +15,7 @@ import dit
 import sample
 import train_dit
 import vmae
-from test_train_dit import config
+from test_train_dit import config, make_images_and_vmae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,15 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """A VMAE-tiny and a DiT-T/1 trained for 4 steps on 3 classes of 32-px images."""
-    root = tmp_path_factory.mktemp('sample')
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / 'images' / f'class{c}').mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) // (c + 1)).save(root / 'images' / f'class{c}' / f'{i}.png')
-    torch.manual_seed(0)
-    model = vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=False)
-    torch.save({'kind': 'vmae', 'version': 1, 'model_args': model.args, 'model': model.state_dict()}, root / 'vmae.pt')
+    root = make_images_and_vmae(tmp_path_factory.mktemp('sample'), per_class=8)
     train_dit.main(config(root, root / 'dit', max_steps=4, ema_decay=0.5))
     return root
 

@@ -16,20 +16,23 @@ import train_dit
 import vmae
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    """A folder of 3 classes x 16 images at 32 px and a random VMAE-tiny checkpoint."""
-    root = tmp_path_factory.mktemp('dit')
+def make_images_and_vmae(root, per_class):
+    """root/images: 3 classes of random 40x36 images; root/vmae.pt: a random VMAE-tiny for 32 px."""
     rng = np.random.default_rng(0)
     for c in range(3):
         (root / 'images' / f'class{c}').mkdir(parents=True)
-        for i in range(16):
+        for i in range(per_class):
             img = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) // (c + 1)
             Image.fromarray(img).save(root / 'images' / f'class{c}' / f'{i}.png')
     torch.manual_seed(0)
     model = vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=False)
     torch.save({'kind': 'vmae', 'version': 1, 'model_args': model.args, 'model': model.state_dict()}, root / 'vmae.pt')
     return root
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    return make_images_and_vmae(tmp_path_factory.mktemp('dit'), per_class=16)
 
 
 def config(setup, out, **overrides):

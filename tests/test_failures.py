@@ -1,0 +1,103 @@
+"""What a user meets when things go wrong: a killed run, odd image files, wrong checkpoints.
+Each is a clear one-line message (exit code 2), and nothing already on disk is lost.
+Run: python -m pytest tests/test_failures.py"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dit
+import train_vmae
+import vmae
+from test_train_vmae import tiny_config, weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def script(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def flags(cfg):
+    return [f'--{k}={v}' for k, v in vars(cfg).items() if k != 'resume']
+
+
+def test_kill_9_during_training_then_resume_gives_the_uninterrupted_result(tmp_path):
+    cfg = tiny_config(tmp_path / 'killed', stop_epoch=40 / 625, ckpt_every=2, log_every=2)
+    proc = subprocess.Popen([sys.executable, 'train_vmae.py', *flags(cfg)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / 'killed' / 'last.pt'
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)                                    # somewhere in the middle of training (and maybe of a save)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists()
+    killed_at = vmae.read_checkpoint(str(last))['step']
+    resumed = script('train_vmae.py', *flags(cfg), '--resume')
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resumed from {last} at step {killed_at}' in resumed.stdout
+    train_vmae.main(tiny_config(tmp_path / 'straight', stop_epoch=40 / 625, ckpt_every=2, log_every=2))
+    a, b = weights(tmp_path / 'straight'), weights(tmp_path / 'killed')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_on_a_folder_of_odd_images(tmp_path, capsys):
+    """A corrupt JPEG is skipped with a count; CMYK, grayscale and 16x16 images train like any other."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i in range(14):
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).convert('CMYK').save(folder / 'cmyk.jpg')
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / 'tiny_gray.png')
+    (folder / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0' + bytes(100))
+    train_vmae.main(tiny_config(tmp_path / 'run', data=str(folder), stop_epoch=0, epochs=2, warmup_epochs=0.5))
+    out = capsys.readouterr().out
+    assert 'skipped 1 unreadable file(s) of 17' in out and '16 images' in out
+    assert vmae.read_checkpoint(str(tmp_path / 'run' / 'last.pt'))['step'] == 2
+
+
+def one_line_error(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    return lines[0]
+
+
+def test_a_wrong_checkpoint_given_to_each_script(tmp_path):
+    torch.save({'kind': 'dit', 'model': {}, 'ema': {}}, tmp_path / 'dit.pt')
+    model = vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=False)
+    torch.save({'kind': 'vmae', 'version': 1, 'model_args': model.args, 'model': model.state_dict()}, tmp_path / 'vmae.pt')
+    (tmp_path / 'notes.txt').write_text('not a checkpoint')
+    out = str(tmp_path / 'out')
+    cases = {
+        'train_vmae --init_from': (['train_vmae.py', '--init_from', str(tmp_path / 'dit.pt'), '--model', 'VMAE-tiny',
+                                     '--image_size', '32', '--out_dir', out], 'is not a VMAE checkpoint'),
+        'train_dit --vmae': (['train_dit.py', '--vmae', str(tmp_path / 'dit.pt'), '--out_dir', out], 'is not a VMAE checkpoint'),
+        'sample --dit': (['sample.py', '--dit', str(tmp_path / 'vmae.pt'), '--class', '0'], "found a checkpoint of kind 'vmae'"),
+        'sample --vmae': (['sample.py', '--dit', str(tmp_path / 'notes.txt'), '--class', '0'], 'cannot read'),
+        'evaluate recon --vmae': (['evaluate.py', 'recon', '--vmae', str(tmp_path / 'notes.txt'), '--data', 'builtin'],
+                                  'not a PyTorch checkpoint'),
+    }
+    for name, (args, message) in cases.items():
+        assert message in one_line_error(script(*args)), name
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_stage(tmp_path):
+    """A DiT run directory given to train_vmae --resume (or the reverse) is refused, and left as it was."""
+    os.makedirs(tmp_path / 'run')
+    dit_model = dit.DiT_models['DiT-T/1'](input_size=4, num_classes=3)
+    torch.save(dit.dit_checkpoint(dit_model, dit_model), tmp_path / 'run' / 'last.pt')
+    before = (tmp_path / 'run' / 'last.pt').read_bytes()
+    error = one_line_error(script('train_vmae.py', '--resume', '--model', 'VMAE-tiny', '--image_size', '32',
+                                  '--out_dir', str(tmp_path / 'run')))
+    assert "not a train_vmae.py checkpoint" in error
+    assert (tmp_path / 'run' / 'last.pt').read_bytes() == before
