@@ -248,9 +248,10 @@ class ShardedArrays:
         self.done.flush()
 
     def finish(self):
-        """Wait for every rank; True when all batches are done."""
+        """Wait for every rank; then True on rank 0 when all batches are done (False on the other ranks,
+        which must not touch the files again: rank 0 may be packing and removing them)."""
         barrier()
-        return bool(np.load(os.path.join(self.folder, 'done.npy')).all())
+        return self.dist.master and bool(np.load(os.path.join(self.folder, 'done.npy')).all())
 
 
 def barrier():

@@ -65,6 +65,9 @@ def main(args):
 def load_models(args, device):
     """The DiT (EMA or raw weights), its latent statistics, the VMAE that decodes its latents and
     the class names; every mismatch is a one-line error."""
+    if not os.path.isfile(args.dit):
+        raise FileNotFoundError(f"DiT checkpoint {args.dit} not found: pass --dit (train_dit.py writes <out_dir>/last.pt; "
+                                f"the demo's is out/demo/dit/last.pt)")
     model = dit.load_dit(args.dit, device, args.weights)
     config = model.meta.get('config', {})
     stats = vmae.read_latent_stats(args.latent_stats) if args.latent_stats else model.latent_stats
@@ -139,7 +142,7 @@ def write_fid_samples(model, vae, stats, args, dist):
         labels = [i % num_classes for i in rows]
         images = generate(model, vae, stats, labels, rows, args, dist.device)
         store.write(b, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))
-    if store.finish() and dist.master:
+    if store.finish():
         np.savez(out + '.tmp.npz', arr_0=store.arrays['images'], arr_1=store.arrays['labels'])
         os.replace(out + '.tmp.npz', out)
         for name in ('images', 'labels', 'done'):

@@ -248,7 +248,7 @@ def extract_latents(autoencoder, cfg, vmae_path, latent_dir, dist):
         both = [autoencoder.encode(view) for view in (x, x.flip(-1))]  # the mirror is encoded, not the latent flipped
         moments = torch.stack([torch.cat([p.mean, p.logvar], dim=1) for p in both], dim=1)  # (B, 2, 2C, h, w)
         store.write(b, latents=moments.cpu().numpy(), labels=y.numpy())
-    if store.finish() and dist.master:
+    if store.finish():
         meta.update(latent_statistics(store.arrays['latents'], cfg.seed), complete=True)
         write_meta(latent_dir, meta)
     common.barrier()

@@ -95,6 +95,7 @@ def main(cfg):
     # read the checkpoints first, so a wrong file fails before the data scan
     resume_from = read_run_checkpoint(last_path) if cfg.resume else None
     init_weights = init_state(cfg.init_from) if cfg.init_from and not cfg.resume else None
+    perceptual = vmae.lpips_vgg().to(device) if cfg.perceptual_weight > 0 else None  # offline without VGG16: stop now
 
     # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=True)
@@ -121,7 +122,6 @@ def main(cfg):
         for module in (model.patch_embed, model.blocks, model.norm, model.to_latent):
             module.requires_grad_(False)
     model.to(device)
-    perceptual = vmae.lpips_vgg().to(device) if weights.perceptual > 0 else None
     optimizer = make_optimizer(model, lr, cfg)
     scaler = torch.amp.GradScaler(enabled=cfg.dtype == 'fp16' and device.type == 'cuda')
     step = 0

@@ -112,7 +112,7 @@ def test_bad_input_is_one_clear_line(trained, tmp_path):
     torch.save({'kind': 'vmae', 'version': 1, 'model_args': other.args, 'model': other.state_dict()}, tmp_path / 'vmae8.pt')
     cases = [(['--dit', ckpt, '--class', '3'], 'class 3 is out of range: this DiT has 3 classes (0..2)'),
              (['--dit', ckpt], 'this DiT is class-conditional: pass --class'),
-             (['--dit', str(tmp_path / 'missing.pt'), '--class', '0'], 'DiT checkpoint not found'),
+             (['--dit', str(tmp_path / 'missing.pt'), '--class', '0'], 'missing.pt not found: pass --dit'),
              (['--dit', str(trained / 'vmae.pt'), '--class', '0'], "found a checkpoint of kind 'vmae'"),
              (['--dit', ckpt, '--class', '0', '--vmae', str(tmp_path / 'vmae8.pt')], 'makes latents of shape (8, 4, 4)')]
     for flags, message in cases:

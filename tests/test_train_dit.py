@@ -4,6 +4,8 @@ Run: python -m pytest tests/test_train_dit.py"""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ import data
 import dit
 import train_dit
 import vmae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_images_and_vmae(root, per_class):
@@ -160,3 +164,17 @@ def test_flat_folder_trains_an_unconditional_dit(setup, tmp_path):
     train_dit.main(config(setup, tmp_path / 'run', data=str(flat), latents=str(tmp_path / 'lat'), max_steps=2))
     model = dit.load_dit(str(tmp_path / 'run' / 'last.pt'))
     assert model.num_classes == 1 and model.null_label is None
+
+
+def test_two_process_extraction_and_training(setup, tmp_path):
+    """Under torchrun the ranks share the extraction batches; the latents equal a one-process run's."""
+    train_dit.main(config(setup, tmp_path / 'one', latents=str(tmp_path / 'lat1'), max_steps=1))
+    cfg = config(setup, tmp_path / 'two', latents=str(tmp_path / 'lat2'), max_steps=2, micro_batch_size=4)
+    flags = [f'--{k}={v}' for k, v in vars(cfg).items() if k != 'resume']
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train_dit.py', *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr
+    assert np.allclose(np.load(tmp_path / 'lat1' / 'latents.npy'), np.load(tmp_path / 'lat2' / 'latents.npy'), atol=1e-6)
+    assert json.load(open(tmp_path / 'lat2' / 'meta.json'))['complete']
+    assert dit.read_checkpoint(str(tmp_path / 'two' / 'last.pt'))['step'] == 2
