@@ -189,6 +189,15 @@ def run_checkpoint_path(out_dir, resume):
     return path
 
 
+def restore_run(ckpt, optimizer, scaler, cfg, path):
+    """Optimizer state, loss scale and step from a run checkpoint (the caller loads the weights). -> step"""
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    print0(f"resumed from {path} at step {ckpt['step']}")
+    note_config_changes(ckpt['config'], cfg)
+    return ckpt['step']
+
+
 def note_config_changes(saved, cfg, free=('resume', 'stop_epoch', 'max_steps', 'log_every', 'ckpt_every', 'keep_every', 'image_every',
                                           'sample_every', 'num_workers', 'compile', 'device', 'out_dir', 'vmae', 'latents')):
     """On resume, name the settings that differ from the checkpoint's run (other than the run's

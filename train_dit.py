@@ -119,11 +119,7 @@ def main(cfg):
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
         ema.load_state_dict(resume_from['ema'])
-        optimizer.load_state_dict(resume_from['optimizer'])
-        scaler.load_state_dict(resume_from['scaler'])
-        step = resume_from['step']
-        say(f"resumed from {last_path} at step {step}")
-        common.note_config_changes(resume_from['config'], cfg)
+        step = common.restore_run(resume_from, optimizer, scaler, cfg, last_path)
         resume_from = None  # free the memory
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} latents "
         f"{tuple(meta['shape'][1:])} | {num_classes} classes | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} "
