@@ -143,14 +143,14 @@ def all_reduce_mean(x):
     return x
 
 
-def wrap_for_training(model, compile, dist):
+def wrap_for_training(model, compile, d):
     """torch.compile, then DDP (in that order, as PyTorch recommends). The returned module is for the
     forward/backward; checkpoints save the plain `model`, so they carry no wrapper prefixes."""
     if compile:
         print0("compiling the model (takes a minute)...")
         model = torch.compile(model)
-    if dist.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == 'cuda' else None)
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
     return model
 
 
@@ -171,11 +171,6 @@ def optimizer_step(optimizer, scaler, model, grad_clip):
     optimizer.zero_grad(set_to_none=True)
 
 
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers (what checkpoints store)."""
-    model = getattr(model, 'module', model)
-    return getattr(model, '_orig_mod', model)
-
 # -----------------------------------------------------------------------------
 # checkpoints and logs
 
@@ -187,6 +182,15 @@ def run_checkpoint_path(out_dir, resume):
     if not resume and os.path.isfile(path):
         raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
     return path
+
+
+def read_run_checkpoint(path, read, kind):
+    """A training run's checkpoint for --resume, read with its model file's reader (`read`); a
+    checkpoint of the other stage, or weights without optimizer state, is refused."""
+    ckpt = read(path)
+    if not isinstance(ckpt, dict) or ckpt.get('kind') != kind or 'optimizer' not in ckpt:
+        raise ValueError(f"--resume: {path} is not a train_{kind}.py checkpoint: choose the --out_dir of a {kind} run")
+    return ckpt
 
 
 def restore_run(ckpt, optimizer, scaler, cfg, path):
@@ -296,24 +300,21 @@ class RunLog:
             metrics['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
         with open(self.path, 'a') as f:
             f.write(json.dumps(metrics) + '\n')
-        self.print(f"step {step}: " + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'step'))
-
-    def print(self, text):
-        if self.master:
-            (self.bar.write if self.bar else print)(text)
+        self.bar.write(f"step {step}: " + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'step'))
 
     def close(self):
         if self.bar:
             self.bar.close()
 
 
-def fingerprint(path):
-    """First 16 hex digits of a file's SHA-256: ties latents and DiTs to the exact VMAE weights."""
+def file_sha256(path):
+    """The SHA-256 of a file (hex): ties latents and DiTs to the exact VMAE weights, and identifies
+    Inception weights."""
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 class Meter:

@@ -297,10 +297,10 @@ def draw_primitive(draw, shape, cx, cy, r, angle, color, s):
 # -----------------------------------------------------------------------------
 # dataset construction and sampling
 
-def build_dataset(data, image_size, train=False, flip=None, split='train', seed=0):
+def build_dataset(data, image_size, train=False, flip=None, split='train'):
     """'builtin' -> BuiltinShapes (split 'train' or 'val'); anything else is an image folder."""
     if data == 'builtin':
-        return BuiltinShapes(image_size, split=split, seed=seed, flip=train if flip is None else flip)
+        return BuiltinShapes(image_size, split=split, flip=train if flip is None else flip)
     return ImageFolder(data, image_size, train=train, flip=flip)
 
 

@@ -33,7 +33,6 @@ Inception weights: --inception PATH, else the torch hub cache (downloaded there 
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import math
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import cleanup_distributed, clear_errors, print0, seed_for, setup_distributed
+from common import cleanup_distributed, clear_errors, file_sha256, print0, seed_for, setup_distributed
 from data import IMG_EXTENSIONS, build_dataset, center_crop_arr, open_rgb, scan_image_folder, to_uint8
 from vmae import load_vmae, lpips_vgg, patchify, read_checkpoint, read_latent_stats
 
@@ -296,14 +295,6 @@ def inception_weights_path(path=None, master=True):
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's download
     return cached
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_inception(path, device='cpu', allow_random=False):

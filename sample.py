@@ -77,7 +77,7 @@ def load_models(args, device):
     vmae_path = args.vmae or config.get('vmae', '')
     if not vmae_path:
         raise ValueError(f"no VMAE to decode with: pass --vmae (the checkpoint {args.dit} was trained on)")
-    if args.vmae and config.get('vmae_sha256') not in (None, common.fingerprint(args.vmae)):
+    if args.vmae and config.get('vmae_sha256') not in (None, common.file_sha256(args.vmae)):
         common.print0(f"note: decoding with {args.vmae}, not the VMAE this DiT was trained on ({config.get('vmae')}): "
                       f"right for a decoder fine-tuned with the encoder frozen, wrong otherwise")
     C, H, W = model.in_channels, model.model_args['input_size'], model.model_args['input_size']
@@ -90,7 +90,7 @@ def load_models(args, device):
 
 def check_classes(model, classes):
     """The labels to sample: the requested classes, or class 0 of an unconditional model."""
-    if model.null_label is None and model.num_classes == 1:
+    if model.num_classes == 1:
         if classes:
             raise ValueError("this DiT is unconditional (trained on one class): omit --class")
         return [0]
@@ -131,7 +131,6 @@ def write_fid_samples(model, vae, stats, args, dist):
     split sees all classes), as arr_0 uint8 (N, H, W, 3) and arr_1 labels in one .npz. Batches go
     to the ranks round-robin and are kept on disk as they finish, so a killed run resumes."""
     n = args.num_fid_samples
-    num_classes = 1 if model.null_label is None and model.num_classes == 1 else model.num_classes
     out = args.out or os.path.join('samples', f"{os.path.splitext(os.path.basename(args.dit))[0]}_cfg{args.cfg_scale}"
                                               f"_ch{args.cfg_channels or 'all'}_steps{args.steps}_seed{args.seed}_{n}.npz")
     size = vae.img_size
@@ -139,7 +138,7 @@ def write_fid_samples(model, vae, stats, args, dist):
     todo = store.todo()
     common.print0(f"sampling {n} images into {out} ({len(todo)} of {len(store.done)} batches left on rank 0)")
     for b, rows in tqdm(todo, disable=not dist.master, desc='sampling'):
-        labels = [i % num_classes for i in rows]
+        labels = [i % model.num_classes for i in rows]
         images = generate(model, vae, stats, labels, rows, args, dist.device)
         store.write(b, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))
     if store.finish():

@@ -83,17 +83,18 @@ def main(cfg):
     accum = cfg.batch_size // per_step
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
     latent_dir = cfg.latents or os.path.join(cfg.out_dir, 'latents')
-    resume_from = read_run_checkpoint(last_path) if cfg.resume else None  # a wrong file fails before any work
+    resume_from = common.read_run_checkpoint(last_path, dit.read_checkpoint, 'dit') if cfg.resume else None  # a wrong file fails before any work
 
     # 1. latents (the VMAE is needed to extract them and to decode the sample grids)
     vmae_path = cfg.vmae or read_meta(latent_dir).get('vmae', '')
     if not vmae_path:
         raise ValueError("no VMAE given: pass --vmae (a train_vmae.py checkpoint or the authors' vmaef8d16.pth)")
     autoencoder = vmae.load_vmae(vmae_path, device, img_size=cfg.image_size)
+    source = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': common.file_sha256(vmae_path)}
     meta = read_meta(latent_dir)
+    check_latents_match(meta, source, latent_dir)
     if not meta.get('complete'):
-        meta = extract_latents(autoencoder, cfg, vmae_path, latent_dir, dist)
-    check_latents_match(meta, cfg, vmae_path, latent_dir)
+        meta = extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist)
     dataset = LatentDataset(latent_dir, meta)
     stats = {k: torch.tensor(meta[k]) for k in ('mean', 'std')}
     mean_c, std_c = (stats[k].view(1, -1, 1, 1).to(device) for k in ('mean', 'std'))
@@ -163,13 +164,6 @@ def main(cfg):
     common.cleanup_distributed()
 
 
-def read_run_checkpoint(path):
-    ckpt = dit.read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get('kind') != 'dit' or 'optimizer' not in ckpt:
-        raise ValueError(f"--resume: {path} is not a train_dit.py checkpoint: choose the --out_dir of a DiT run")
-    return ckpt
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -211,26 +205,24 @@ def write_meta(latent_dir, meta):
     os.replace(tmp, os.path.join(latent_dir, 'meta.json'))
 
 
-def check_latents_match(meta, cfg, vmae_path, latent_dir):
-    wanted = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': common.fingerprint(vmae_path)}
-    wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if meta.get(k) != v]
+def check_latents_match(meta, source, latent_dir):
+    """Latents already in latent_dir (complete or not) must come from this run's data, size and VMAE."""
+    wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in source.items() if meta and meta.get(k) != v]
     if wrong:
         raise ValueError(f"the latents in {latent_dir} were made with another {', '.join(wrong)}: "
                          f"use another --latents folder, or delete it to extract again")
 
 
 @torch.no_grad()
-def extract_latents(autoencoder, cfg, vmae_path, latent_dir, dist):
+def extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist):
     """Encode every image and its mirror into latent_dir/latents.npy (N, 2, 2C, h, w), sharded over
     the ranks and resumable (common.ShardedArrays)."""
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=False, flip=False)
     n, bs = len(dataset), cfg.extract_batch_size
     grid, channels = autoencoder.grid, 2 * autoencoder.latent_dim
     meta = read_meta(latent_dir) or {
-        'data': cfg.data, 'image_size': cfg.image_size, 'vmae': os.path.abspath(vmae_path),
-        'vmae_sha256': common.fingerprint(vmae_path), 'num_items': n, 'num_classes': dataset.num_classes,
+        **source, 'vmae': os.path.abspath(vmae_path), 'num_items': n, 'num_classes': dataset.num_classes,
         'classes': dataset.classes, 'shape': [2, channels, grid, grid], 'dtype': cfg.latent_dtype, 'complete': False}
-    check_latents_match(meta, cfg, vmae_path, latent_dir)
     if dist.master and not os.path.isfile(os.path.join(latent_dir, 'meta.json')):
         os.makedirs(latent_dir, exist_ok=True)
         write_meta(latent_dir, meta)

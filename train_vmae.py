@@ -93,7 +93,7 @@ def main(cfg):
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
 
     # read the checkpoints first, so a wrong file fails before the data scan
-    resume_from = read_run_checkpoint(last_path) if cfg.resume else None
+    resume_from = common.read_run_checkpoint(last_path, vmae.read_checkpoint, 'vmae') if cfg.resume else None
     init_weights = init_state(cfg.init_from) if cfg.init_from and not cfg.resume else None
     perceptual = vmae.lpips_vgg().to(device) if cfg.perceptual_weight > 0 else None  # offline without VGG16: stop now
 
@@ -168,13 +168,6 @@ def main(cfg):
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()
-
-
-def read_run_checkpoint(path):
-    ckpt = vmae.read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get('kind') != 'vmae' or 'optimizer' not in ckpt:
-        raise ValueError(f"--resume: {path} is not a train_vmae.py checkpoint: choose the --out_dir of a VMAE run")
-    return ckpt
 
 
 def init_state(path):
