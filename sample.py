@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument('--num-fid-samples', type=int, default=0, help='write this many class-balanced samples to an ADM .npz instead of a grid')
     p.add_argument('--batch-size', type=int, default=64, help='per GPU')
     p.add_argument('--steps', type=int, default=250, help='Euler grid points (steps - 1 model evaluations)')
-    p.add_argument('--cfg-scale', type=float, default=4.0, help='v_u + s (v_c - v_u); 1 = no guidance')
+    p.add_argument('--cfg-scale', type=float, default=None,
+                   help='v_u + s (v_c - v_u); 1 = no guidance (default: 4 for class-conditional models, 1 for unconditional ones)')
     p.add_argument('--cfg-channels', type=int, default=0, help='guide only latent channels [0, k); 0 = all. The paper used 3 with scale 10')
     p.add_argument('--cfg-interval-start', type=float, default=0.1, help='no guidance for t below this (t = 0 is noise)')
     p.add_argument('--shift', type=float, default=0.3, help='timestep shift s: t -> s t / (1 + (s - 1) t); 0 = uniform')
@@ -64,12 +65,16 @@ def main(args):
 
 def load_models(args, device):
     """The DiT (EMA or raw weights), its latent statistics, the VMAE that decodes its latents and
-    the class names; every mismatch is a one-line error."""
+    the class names; every mismatch is a one-line error. Also settles the default guidance scale."""
     if not os.path.isfile(args.dit):
         raise FileNotFoundError(f"DiT checkpoint {args.dit} not found: pass --dit (train_dit.py writes <out_dir>/last.pt; "
                                 f"the demo's is out/demo/dit/last.pt)")
     model = dit.load_dit(args.dit, device, args.weights)
     config = model.meta.get('config', {})
+    if args.cfg_scale is None:  # the default: guide class-conditional models; an unconditional one cannot be
+        args.cfg_scale = 1.0 if model.null_label is None else 4.0
+    elif args.cfg_scale != 1 and model.null_label is None:
+        raise ValueError(f"this DiT was trained without a null class, so it cannot be guided: use --cfg-scale 1 (got {args.cfg_scale})")
     stats = vmae.read_latent_stats(args.latent_stats) if args.latent_stats else model.latent_stats
     if stats is None:
         raise ValueError(f"{args.dit} carries no latent statistics (the authors' checkpoints do not): pass --latent-stats "

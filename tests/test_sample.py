@@ -119,3 +119,16 @@ def test_bad_input_is_one_clear_line(trained, tmp_path):
         result = cli(*flags, '--steps', '2', '--out', str(tmp_path / 'x.png'))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_unconditional_dit_samples_without_guidance_by_default(trained, tmp_path):
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((32, 32, 3), i * 20, np.uint8)).save(flat / f'{i}.png')
+    train_dit.main(config(trained, tmp_path / 'run', data=str(flat), latents=str(tmp_path / 'lat'), max_steps=2))
+    ckpt = str(tmp_path / 'run' / 'last.pt')
+    run_sample('--dit', ckpt, '--n', '2', '--steps', '3', '--out', str(tmp_path / 'u.png'))
+    assert (tmp_path / 'u.png').exists()
+    result = cli('--dit', ckpt, '--cfg-scale', '4', '--steps', '2', '--out', str(tmp_path / 'x.png'))
+    assert result.returncode == 2 and 'cannot be guided: use --cfg-scale 1' in result.stderr
