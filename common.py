@@ -1,50 +1,111 @@
 """
-Plumbing shared by the scripts: command-line config, torchrun/DDP set-up, precision, atomic
-checkpoint writes, logging and one-line errors.
+Plumbing shared by the scripts: command-line config, torchrun/DDP set-up, precision, run
+checkpoints for --resume, resumable sharded outputs, logging and one-line errors.
 
-train_vmae.py, train_dit.py, sample.py and evaluate.py all need these and must behave the same
-(multi-node device choice, resume, a NaN stop, what a bad path prints), so they are written once
-here. The model files (vmae.py, dit.py) do not import this: they stay usable on their own.
+train_vmae.py, train_dit.py, sample.py, evaluate.py and bench.py all need these and must behave the
+same (one flag spelling, multi-node device choice, resume, a NaN stop, what a bad path prints), so
+they are written once here. The model files do not import this: they stay usable on their own. The
+training step itself (autocast, accumulation, clipping, the optimizer step) is written out in each
+trainer's loop, where a reader looks for it.
 """
 
 import argparse
 import ast
 import contextlib
 import dataclasses
-import hashlib
+import inspect
 import json
 import os
+import re
 import sys
 import time
+import types
+import typing
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import fileio
+
 # -----------------------------------------------------------------------------
-# config: dataclass defaults <- config files <- --flags
+# config: dataclass defaults <- config files <- --flags, the same for every script
 
 def parse_config(config_cls, argv=None, description=None):
-    """Build `config_cls` (a dataclass of int/float/bool/str fields) from its defaults, then any
-    config files given as positional arguments (plain `name = value` lines, parsed, never
-    executed), then `--name value` / `--name=value` flags (kebab or snake case)."""
-    defaults = config_cls()
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('config_files', nargs='*', help='config files of `name = value` lines, applied before the flags')
+    """Build `config_cls` (a dataclass) from its defaults, then any config files given as positional
+    arguments (plain `name = value` lines, parsed, never executed), then `--name value` flags.
+    A config with positional fields (evaluate.py's ref and samples) takes those instead of config files."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, config_cls)
+    return config_from_args(config_cls, parser.parse_args(argv), parser)
+
+
+def add_config_arguments(parser, config_cls):
+    """One flag per field: `--out_dir` (the documented spelling, as in the config files) and `--out-dir`.
+    A bool takes `--name`, `--name false` or `--no_name`; a tuple takes one or more values (spaces or
+    commas). The help text is the comment after the field in the dataclass."""
+    comments = field_comments(config_cls)
+    positional = [f for f in dataclasses.fields(config_cls) if f.metadata.get('positional')]
+    if not positional:
+        parser.add_argument('config_files', nargs='*', help='config files of `name = value` lines, applied before the flags')
     for f in dataclasses.fields(config_cls):
-        kind, default = type(getattr(defaults, f.name)), getattr(defaults, f.name)
-        flags = sorted({'--' + f.name, '--' + f.name.replace('_', '-')})
+        kind, default = field_type(config_cls, f), f.default
+        comment = comments.get(f.name, '')
+        help_text = comment if 'default' in comment else f"{comment} (default: {default!r})".strip()
+        if f.metadata.get('positional'):
+            parser.add_argument(f.name, type=kind, help=comments.get(f.name))
+            continue
+        names = {f.name, *f.metadata.get('aliases', ())}
+        flags = sorted({'--' + n for n in names} | {'--' + n.replace('_', '-') for n in names}, key=lambda s: ('-' in s[2:], s))
         if kind is bool:
-            parser.add_argument(*flags, dest=f.name, type=parse_bool, nargs='?', const=True, default=None, help=f'(default: {default})')
+            parser.add_argument(*flags, dest=f.name, type=parse_bool, nargs='?', const=True, default=None, help=help_text)
+            parser.add_argument(f'--no_{f.name}', f'--no-{f.name.replace("_", "-")}', dest=f.name, action='store_const',
+                                const=False, help=argparse.SUPPRESS)
+        elif kind is tuple:
+            parser.add_argument(*flags, dest=f.name, type=list_of(tuple_item_type(config_cls, f)), nargs='+', default=None,
+                                help=help_text)
         else:
-            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=f'(default: {default!r})')
-    args = parser.parse_args(argv)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def config_from_args(config_cls, args, parser):
     values = {}
-    for path in args.config_files:
+    for path in getattr(args, 'config_files', []):
         values.update(read_config_file(path, config_cls, parser))
-    values.update({k: v for k, v in vars(args).items() if k != 'config_files' and v is not None})
-    return dataclasses.replace(defaults, **values)
+    for name, value in vars(args).items():
+        if name in {f.name for f in dataclasses.fields(config_cls)} and value is not None:
+            values[name] = tuple(v for part in value for v in part) if isinstance(value, list) else value
+    return dataclasses.replace(config_cls(), **values)
+
+
+def field_type(config_cls, f):
+    """int, float, bool, str or tuple, from the annotation (`float | None` counts as float)."""
+    hint = typing.get_type_hints(config_cls)[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(k for k in typing.get_args(hint) if k is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def tuple_item_type(config_cls, f):
+    return typing.get_args(typing.get_type_hints(config_cls)[f.name])[0]
+
+
+def list_of(kind):
+    """argparse type: '1,2' -> [1, 2]; with nargs='+', `--eps 0 0.1` and `--eps 0,0.1` both work."""
+    return lambda text: [kind(part) for part in text.split(',') if part]
+
+
+def field_comments(config_cls):
+    """{field: the comment after it} from the dataclass's source (and its bases'), the help of its flags."""
+    comments = {}
+    for cls in reversed(config_cls.__mro__):  # a subclass's comment wins
+        if dataclasses.is_dataclass(cls):
+            try:
+                comments.update(re.findall(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', inspect.getsource(cls), flags=re.M))
+            except (OSError, TypeError):  # no source (an interactive session): no help text
+                pass
+    return comments
 
 
 def parse_bool(text):
@@ -59,25 +120,37 @@ def read_config_file(path, config_cls, parser):
     """`name = literal` assignments -> dict, checked against the dataclass's names and types."""
     if not os.path.isfile(path):
         parser.error(f"config file '{path}' not found")
-    defaults = config_cls()
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
     values = {}
     for node in ast.parse(open(path).read(), filename=path).body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             parser.error(f"{path}:{node.lineno}: only `name = value` lines are allowed in a config file")
         name = node.targets[0].id
-        if not hasattr(defaults, name):
+        if name not in fields:
             parser.error(f"{path}:{node.lineno}: unknown setting '{name}'")
         try:
             value = ast.literal_eval(node.value)
         except ValueError:
             parser.error(f"{path}:{node.lineno}: the value of '{name}' must be a literal")
-        kind = type(getattr(defaults, name))
+        kind = field_type(config_cls, fields[name])
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if type(value) is not kind:
+        if kind is tuple and isinstance(value, list):
+            value = tuple(value)
+        if type(value) is not kind and not (value is None and fields[name].default is None):
             parser.error(f"{path}:{node.lineno}: '{name}' must be {kind.__name__}, got {value!r}")
         values[name] = value
     return values
+
+
+def positional():
+    """A config field given as a positional argument (evaluate.py fid's REF and SAMPLES)."""
+    return dataclasses.field(default='', metadata={'positional': True})
+
+
+def aliases(default, *names):
+    """A config field with extra flag names, e.g. sample.py's `classes` is also `--class`."""
+    return dataclasses.field(default=default, metadata={'aliases': names})
 
 # -----------------------------------------------------------------------------
 # devices, DDP and precision
@@ -129,9 +202,27 @@ def autocast(device, dtype):
     return torch.autocast('cuda', dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype])
 
 
+def mixed_precision(device, dtype):
+    """-> (autocast context, GradScaler) for training: fp16 needs its loss scaled, so its small gradients
+    do not underflow; for bf16 and fp32 the scaler passes everything through unchanged."""
+    return autocast(device, dtype), torch.amp.GradScaler(enabled=dtype == 'fp16' and device.type == 'cuda')
+
+
 def enable_tf32():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for matmuls and cuDNN convolutions (PyTorch leaves cuDNN's on by default), so evaluation
+    features and distances do not depend on the GPU generation."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def all_reduce_mean(x):
@@ -143,6 +234,15 @@ def all_reduce_mean(x):
     return x
 
 
+def accumulation_steps(batch_size, micro_batch_size, d):
+    """Micro-batches per optimizer step, so that `batch_size` is the global batch whatever the number of
+    ranks: a run on 1 GPU and one on 64 take the same steps."""
+    per_step = micro_batch_size * d.world_size
+    if micro_batch_size < 1 or batch_size < 1 or batch_size % per_step:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of micro_batch_size x ranks = {per_step}")
+    return batch_size // per_step
+
+
 def wrap_for_training(model, compile, d):
     """torch.compile, then DDP (in that order, as PyTorch recommends). The returned module is for the
     forward/backward; checkpoints save the plain `model`, so they carry no wrapper prefixes."""
@@ -152,23 +252,6 @@ def wrap_for_training(model, compile, d):
     if d.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == 'cuda' else None)
     return model
-
-
-def micro_batch_context(train_model, last_micro_batch):
-    """Under DDP, gradients are all-reduced only on the last micro-batch of an accumulation cycle."""
-    if last_micro_batch or not hasattr(train_model, 'no_sync'):
-        return contextlib.nullcontext()
-    return train_model.no_sync()
-
-
-def optimizer_step(optimizer, scaler, model, grad_clip):
-    """Unscale (fp16) and clip if asked, step, update the loss scale, clear the gradients."""
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------
@@ -184,10 +267,10 @@ def run_checkpoint_path(out_dir, resume):
     return path
 
 
-def read_run_checkpoint(path, read, kind):
-    """A training run's checkpoint for --resume, read with its model file's reader (`read`); a
-    checkpoint of the other stage, or weights without optimizer state, is refused."""
-    ckpt = read(path)
+def read_run_checkpoint(path, kind):
+    """A training run's checkpoint for --resume; a checkpoint of another trainer, or weights without
+    optimizer state, is refused before any work starts."""
+    ckpt = fileio.read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get('kind') != kind or 'optimizer' not in ckpt:
         raise ValueError(f"--resume: {path} is not a train_{kind}.py checkpoint: choose the --out_dir of a {kind} run")
     return ckpt
@@ -213,19 +296,9 @@ def note_config_changes(saved, cfg, free=('resume', 'stop_epoch', 'max_steps', '
 
 def save_run_checkpoint(ckpt, out_dir, step, keep_every):
     """Replace out_dir/last.pt; every keep_every steps also keep out_dir/ckpt_<step>.pt."""
-    save_checkpoint(ckpt, os.path.join(out_dir, 'last.pt'))
+    fileio.save_checkpoint(ckpt, os.path.join(out_dir, 'last.pt'))
     if keep_every and step % keep_every == 0:
-        save_checkpoint(ckpt, os.path.join(out_dir, f'ckpt_{step:07d}.pt'))
-
-
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never destroys the last good file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    with open(tmp, 'rb') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        fileio.save_checkpoint(ckpt, os.path.join(out_dir, f'ckpt_{step:07d}.pt'))
 
 
 class ShardedArrays:
@@ -305,16 +378,6 @@ class RunLog:
     def close(self):
         if self.bar:
             self.bar.close()
-
-
-def file_sha256(path):
-    """The SHA-256 of a file (hex): ties latents and DiTs to the exact VMAE weights, and identifies
-    Inception weights."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Meter:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from common import seed_for
+
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.gif')
 
 # -----------------------------------------------------------------------------
@@ -119,7 +121,7 @@ class ImageFolder(torch.utils.data.Dataset):
     (one class). `train=True` applies random-resized-crop + flip, else ADM's centre crop.
     Items are fetched as dataset[(index, aug_seed)] (see ResumableSampler) or dataset[index]."""
 
-    def __init__(self, root, image_size, train=False, flip=None, check_files=True):
+    def __init__(self, root, image_size, train=False, flip=None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder '{root}' does not exist: pass a folder of images (class subfolders or flat) or 'builtin'")
         self.root, self.image_size, self.train = root, image_size, train
@@ -127,17 +129,16 @@ class ImageFolder(torch.utils.data.Dataset):
         self.classes, self.samples = scan_image_folder(root)
         if not self.samples:
             raise ValueError(f"no images found in '{root}' (looked for {', '.join(IMG_EXTENSIONS)} in it and its subfolders)")
-        if check_files:
-            self.samples, self.skipped = drop_unreadable(self.samples)
-            if not self.samples:
-                raise ValueError(f"none of the images in '{root}' could be read")
+        self.samples, self.skipped = drop_unreadable(self.samples)
+        if not self.samples:
+            raise ValueError(f"none of the images in '{root}' could be read")
         self.num_classes = len(self.classes)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, index_seed(0, 0, item))
+        index, seed = item if isinstance(item, tuple) else (item, seed_for(0, 0, item))
         rng = random.Random(seed)
         for attempt in range(len(self.samples)):  # a file that passed the header check may still fail to decode
             path, label = self.samples[(index + attempt) % len(self.samples)]
@@ -214,7 +215,7 @@ class BuiltinShapes(torch.utils.data.Dataset):
         return self.per_class * self.num_classes
 
     def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, index_seed(0, 0, item))
+        index, seed = item if isinstance(item, tuple) else (item, seed_for(0, 0, item))
         label = index % self.num_classes
         img = draw_shape(label, np.random.default_rng([self.seed, self.splits[self.split], index]), self.image_size)
         if self.flip and random.Random(seed).random() < 0.5:
@@ -309,9 +310,19 @@ def worker_count(requested):
     return min(requested, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())
 
 
-def index_seed(seed, epoch, index):
-    """A well-mixed 63-bit seed for item `index` in `epoch`."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def training_loader(dataset, micro_batch_size, accum, d, seed, num_workers, what='images'):
+    """-> (loader, sampler, steps per epoch) of a training run on `d` (common.Dist). Each rank reads its
+    shard in an order that ResumableSampler makes a function of (seed, epoch, index). The workers persist
+    across epochs: starting them anew costs seconds, much of an epoch on a small folder."""
+    sampler = ResumableSampler(len(dataset), d.rank, d.world_size, seed)
+    workers = worker_count(num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                                         persistent_workers=workers > 0, pin_memory=d.device.type == 'cuda')
+    steps_per_epoch = sampler.per_rank // (micro_batch_size * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} {what} cannot fill one step of batch_size {micro_batch_size * accum * d.world_size}: "
+                         f"lower --batch_size")
+    return loader, sampler, steps_per_epoch
 
 
 def step_batches(loader, sampler, start_step, steps_per_epoch, accum):
@@ -347,7 +358,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         else:
             order = torch.arange(self.num_items)
         shard = order[: self.per_rank * self.world_size][self.rank::self.world_size][self.start:].tolist()
-        return iter([(i, index_seed(self.seed, self.epoch, i)) for i in shard])
+        return iter([(i, seed_for(self.seed, self.epoch, i)) for i in shard])
 
     def __len__(self):
         return self.per_rank - self.start

@@ -43,13 +43,13 @@ def main():
 
     print("\n== 3/5 sample every class ==")
     grid = os.path.join(OUT, 'samples.png')
-    flags = ['--dit', dit_ckpt, '--steps', str(SAMPLE_STEPS), '--cfg-scale', str(CFG_SCALE), '--device', 'cpu']
+    flags = ['--dit', dit_ckpt, '--steps', str(SAMPLE_STEPS), '--cfg_scale', str(CFG_SCALE), '--device', 'cpu']
     print(f"$ python sample.py {' '.join(flags)} --class {' '.join(map(str, range(10)))} --n 8 --out {grid}")
     sample.main(sample.parse_args(flags + ['--class', *map(str, range(10)), '--n', '8', '--out', grid]))
     samples, labels = generate_for_recognition(flags)
 
     print("\n== 4/5 reconstructions of held-out images ==")
-    print(f"$ python evaluate.py recon --vmae {vmae_ckpt} --data builtin --no-rfid --no-lpips")
+    print(f"$ python evaluate.py recon --vmae {vmae_ckpt} --data builtin --no_rfid --no_lpips")
     model = vmae.load_vmae(vmae_ckpt)
     held_out = data.BuiltinShapes(32, split='val', per_class=200)
     recon = evaluate.evaluate_reconstruction(model, held_out, common.Dist(), batch_size=250, num_workers=0)[0.0]

@@ -18,12 +18,14 @@ Usage:
     latents = euler_sample(model.eval(), torch.randn(8, 16, 32, 32), labels, cfg_scale=4.0)
 """
 
+import json
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fileio import read_checkpoint, strip_wrapper_prefixes
 
 
 def modulate(x, shift, scale):
@@ -233,6 +235,9 @@ class DiT(nn.Module):
     """
     Diffusion model with a Transformer backbone, predicting the flow velocity of latents.
     The defaults are the authors' LDMAE ImageNet model (LightningDiT-B/1 on 16x32x32 latents).
+    The use_* switches are LightningDiT's: QK-norm is off in the authors' CelebA-HQ model, and with all
+    four off the block is the original DiT's (LayerNorm, GELU MLP, no RoPE), for ablations and for
+    loading checkpoints of either kind (load_dit reads the switches off the keys).
     """
     def __init__(self, input_size=32, patch_size=1, in_channels=16, hidden_size=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
@@ -325,7 +330,9 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval_start=0.0, cfg_channels=None):
         """
         Forward pass with classifier-free guidance, v_u + s * (v_c - v_u), from one batched forward
-        over [x, x] with labels [y, null]; s = 1 means no guidance. See guided_velocity.
+        over [x, x] with labels [y, null]; s = 1 means no guidance. See guided_velocity. The project's
+        sampler calls guided_velocity; this method keeps DiT's and LightningDiT's name for it, so code
+        written against theirs runs on this model.
         """
         return guided_velocity(self, x, t, y, cfg_scale, self.null_label, cfg_interval_start, cfg_channels)
 
@@ -405,6 +412,68 @@ def euler_sample(model, z, y, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_
     return x
 
 
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (sampling uses the EMA weights)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+#################################################################################
+#                              Latent Statistics                                #
+#################################################################################
+
+class LatentStats:
+    """
+    Per-channel mean and unbiased std of latents, accumulated batch by batch in float64. The DiT learns
+    standardised latents (z - mean) / std; sampling maps them back. `sums` (count, sum, sum of squares per
+    channel) can be all-reduced over ranks before `result()`.
+    """
+    def __init__(self, channels, device='cpu'):
+        self.sums = torch.zeros(3, channels, dtype=torch.float64, device=device)
+
+    def add(self, z):
+        z = torch.as_tensor(z).to(self.sums.device, torch.float64).transpose(0, 1).flatten(1)  # (N, C, ...) -> (C, N * ...)
+        self.sums += torch.stack([torch.full_like(z[:, 0], z.shape[1]), z.sum(1), z.pow(2).sum(1)])
+
+    def result(self):
+        n, total, total_sq = self.sums
+        return {'mean': total / n, 'std': ((total_sq - total * total / n) / (n - 1)).sqrt()}
+
+
+def standardise(z, stats):
+    """(N, C, H, W) latents -> (z - mean) / std per channel: what the DiT is trained on."""
+    return (z - stats['mean'].view(1, -1, 1, 1).to(z)) / stats['std'].view(1, -1, 1, 1).to(z)
+
+
+def destandardise(x, stats):
+    """The inverse of standardise: DiT samples back to the autoencoder's latent scale."""
+    return x * stats['std'].view(1, -1, 1, 1).to(x) + stats['mean'].view(1, -1, 1, 1).to(x)
+
+
+def read_latent_stats(path):
+    """
+    Per-channel mean and std (C,) float32 of the latents a DiT was trained on, from a train_dit.py
+    checkpoint ('latent_stats'), a JSON with 'mean' and 'std' (train_dit.py's latents/meta.json), or
+    the authors' latents_stats.pt ({'mean', 'std'} of shape (1, C, 1, 1)).
+    """
+    if path.endswith('.json'):
+        try:
+            with open(path) as f:
+                stats = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"latent statistics '{path}' not found") from None
+        except ValueError as e:
+            raise ValueError(f"'{path}' is not valid JSON ({e})") from None
+    else:
+        ckpt = read_checkpoint(path, 'latent statistics file')
+        stats = ckpt.get('latent_stats', ckpt) if isinstance(ckpt, dict) else None
+    if not (isinstance(stats, dict) and stats.get('mean') is not None and stats.get('std') is not None):
+        raise ValueError(f"'{path}' holds no latent statistics: expected a train_dit.py checkpoint or latents/meta.json, "
+                         f"or the authors' latents_stats.pt (a dict with 'mean' and 'std')")
+    return {k: torch.as_tensor(stats[k], dtype=torch.float32).flatten() for k in ('mean', 'std')}
+
+
 #################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
@@ -481,15 +550,6 @@ def dit_checkpoint(model, ema, latent_stats=None, **extra):
             'model': model.state_dict(), 'ema': ema.state_dict(), 'latent_stats': latent_stats, **extra}
 
 
-def strip_wrapper_prefixes(state_dict):
-    """Drops the 'module.' (DDP) and '_orig_mod.' (torch.compile) prefixes that wrapped models add to keys."""
-    def clean(key):
-        while key.startswith(('module.', '_orig_mod.')):
-            key = key.split('.', 1)[1]
-        return key
-    return {clean(key): value for key, value in state_dict.items()}
-
-
 def infer_model_args(state_dict):
     """
     Reads the DiT constructor kwargs off a LightningDiT state dict (the authors' checkpoints carry no
@@ -516,18 +576,6 @@ def infer_model_args(state_dict):
     )
 
 
-def read_checkpoint(path):
-    """torch.load with weights_only=True (only tensors and plain containers are unpickled; no code runs),
-    with one-line errors for a missing or unreadable file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DiT checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean: not a checkpoint we can read safely
-        raise ValueError(f"{path}: expected a DiT checkpoint, found a file torch.load(weights_only=True) cannot read "
-                         f"({str(e).splitlines()[0][:200]})") from None
-
-
 def load_dit(path, device='cpu', weights='ema'):
     """
     Loads a DiT for sampling: the EMA weights (weights='ema', falling back to 'model' when a file has no
@@ -539,7 +587,7 @@ def load_dit(path, device='cpu', weights='ema'):
     def wrong_file(found):
         return ValueError(f"{path}: expected a DiT checkpoint (a dict with 'ema' or 'model' weights), found {found}")
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, 'DiT checkpoint')
     if not isinstance(checkpoint, dict):
         raise wrong_file(f"a {type(checkpoint).__name__}")
     if not {'ema', 'model'} & checkpoint.keys():

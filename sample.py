@@ -8,14 +8,14 @@ A grid of one class (the default checkpoints: out/dit/last.pt and the VMAE it wa
 $ python sample.py --class 130
 Several classes, own paths, the authors' checkpoints (their DiT needs their latents_stats.pt):
 $ python sample.py --class 1 88 250 --dit out/dit_imagenet/last.pt --n 8
-$ python sample.py --class 130 --dit 0100000.pt --latent-stats latents_stats.pt --vmae vmaef8d16.pth
+$ python sample.py --class 130 --dit 0100000.pt --latent_stats latents_stats.pt --vmae vmaef8d16.pth
 50k class-balanced samples for the ADM evaluator (resumable; the same images whatever the number of GPUs):
-$ torchrun --standalone --nproc_per_node=8 sample.py --dit out/dit_imagenet/last.pt --num-fid-samples 50000
+$ torchrun --standalone --nproc_per_node=8 sample.py --dit out/dit_imagenet/last.pt --num_fid_samples 50000
 The paper's sampler (guidance on latent channels 0-2 only, scale 10) for its FID numbers:
-$ torchrun ... sample.py --num-fid-samples 50000 --cfg-scale 10 --cfg-channels 3
+$ torchrun ... sample.py --num_fid_samples 50000 --cfg_scale 10 --cfg_channels 3
 """
 
-import argparse
+import dataclasses
 import os
 import time
 
@@ -26,32 +26,47 @@ from tqdm import tqdm
 import common
 import data
 import dit
+import fileio
 import vmae
 
 
+@dataclasses.dataclass
+class Config:
+    dit: str = 'out/dit/last.pt'   # train_dit.py checkpoint or the authors' LightningDiT .pt
+    vmae: str = ''                 # VMAE checkpoint (default: the one the DiT was trained on)
+    latent_stats: str = ''         # per-channel latent mean/std for a DiT checkpoint without them (the authors' latents_stats.pt)
+    classes: tuple[int, ...] = common.aliases((), 'class')  # class indices for the grid (omit for unconditional models)
+    n: int = 8                     # samples per class in the grid
+    num_fid_samples: int = 0       # write this many class-balanced samples to an ADM .npz instead of a grid
+    batch_size: int = 64           # per GPU
+    steps: int = 250               # Euler grid points (steps - 1 model evaluations)
+    cfg_scale: float | None = None  # v_u + s (v_c - v_u); 1 = no guidance (default: 4 class-conditional, 1 unconditional)
+    cfg_channels: int = 0          # guide only latent channels [0, k); 0 = all. The paper used 3 with scale 10
+    cfg_interval_start: float = 0.1  # no guidance for t below this (t = 0 is noise)
+    shift: float = 0.3             # timestep shift s: t -> s t / (1 + (s - 1) t); 0 = uniform
+    weights: str = 'ema'           # ema or model
+    seed: int = 0
+    out: str = ''                  # output .png (grid) or .npz (FID); default under samples/
+    device: str = 'auto'           # auto, cpu, cuda
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--dit', default='out/dit/last.pt', help='train_dit.py checkpoint or the authors\' LightningDiT .pt')
-    p.add_argument('--vmae', default='', help='VMAE checkpoint (default: the one the DiT was trained on)')
-    p.add_argument('--latent-stats', default='', help='per-channel latent mean/std for a DiT checkpoint without them (the authors\' latents_stats.pt)')
-    p.add_argument('--class', dest='classes', type=int, nargs='*', default=None, help='class indices for the grid (omit for unconditional models)')
-    p.add_argument('--n', type=int, default=8, help='samples per class in the grid')
-    p.add_argument('--num-fid-samples', type=int, default=0, help='write this many class-balanced samples to an ADM .npz instead of a grid')
-    p.add_argument('--batch-size', type=int, default=64, help='per GPU')
-    p.add_argument('--steps', type=int, default=250, help='Euler grid points (steps - 1 model evaluations)')
-    p.add_argument('--cfg-scale', type=float, default=None,
-                   help='v_u + s (v_c - v_u); 1 = no guidance (default: 4 for class-conditional models, 1 for unconditional ones)')
-    p.add_argument('--cfg-channels', type=int, default=0, help='guide only latent channels [0, k); 0 = all. The paper used 3 with scale 10')
-    p.add_argument('--cfg-interval-start', type=float, default=0.1, help='no guidance for t below this (t = 0 is noise)')
-    p.add_argument('--shift', type=float, default=0.3, help='timestep shift s: t -> s t / (1 + (s - 1) t); 0 = uniform')
-    p.add_argument('--weights', choices=['ema', 'model'], default='ema')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default='', help='output .png (grid) or .npz (FID); default under samples/')
-    p.add_argument('--device', default='auto')
-    return p.parse_args(argv)
+    return common.parse_config(Config, argv, description=__doc__)
+
+
+def check_args(args):
+    """Numbers that would run but make no sense (decoded noise, an empty grid) are refused up front."""
+    for name, low in (('steps', 2), ('n', 1), ('batch_size', 1), ('num_fid_samples', 0), ('cfg_channels', 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+    if args.weights not in ('ema', 'model'):
+        raise ValueError(f"--weights must be ema or model, got '{args.weights}'")
+    if not 0 <= args.cfg_interval_start <= 1 or args.shift < 0:
+        raise ValueError(f"--cfg_interval_start must lie in [0, 1] and --shift be >= 0 (got {args.cfg_interval_start}, {args.shift})")
 
 
 def main(args):
+    check_args(args)
     dist = common.setup_distributed(args.device)
     common.enable_tf32()
     device = dist.device
@@ -74,15 +89,15 @@ def load_models(args, device):
     if args.cfg_scale is None:  # the default: guide class-conditional models; an unconditional one cannot be
         args.cfg_scale = 1.0 if model.null_label is None else 4.0
     elif args.cfg_scale != 1 and model.null_label is None:
-        raise ValueError(f"this DiT was trained without a null class, so it cannot be guided: use --cfg-scale 1 (got {args.cfg_scale})")
-    stats = vmae.read_latent_stats(args.latent_stats) if args.latent_stats else model.latent_stats
+        raise ValueError(f"this DiT was trained without a null class, so it cannot be guided: use --cfg_scale 1 (got {args.cfg_scale})")
+    stats = dit.read_latent_stats(args.latent_stats) if args.latent_stats else model.latent_stats
     if stats is None:
-        raise ValueError(f"{args.dit} carries no latent statistics (the authors' checkpoints do not): pass --latent-stats "
+        raise ValueError(f"{args.dit} carries no latent statistics (the authors' checkpoints do not): pass --latent_stats "
                          f"(their latents_stats.pt, or a train_dit.py latents/meta.json)")
     vmae_path = args.vmae or config.get('vmae', '')
     if not vmae_path:
         raise ValueError(f"no VMAE to decode with: pass --vmae (the checkpoint {args.dit} was trained on)")
-    if args.vmae and config.get('vmae_sha256') not in (None, common.file_sha256(args.vmae)):
+    if args.vmae and config.get('vmae_sha256') not in (None, fileio.file_sha256(args.vmae)):
         common.print0(f"note: decoding with {args.vmae}, not the VMAE this DiT was trained on ({config.get('vmae')}): "
                       f"right for a decoder fine-tuned with the encoder frozen, wrong otherwise")
     C, H, W = model.in_channels, model.model_args['input_size'], model.model_args['input_size']
@@ -108,23 +123,24 @@ def check_classes(model, classes):
 
 
 @torch.no_grad()
-def generate(model, vae, stats, labels, indices, args, device):
+def generate(model, vae, stats, labels, indices, args, device, progress=False):
     """Images (B, 3, H, W) in [-1, 1] for these labels; sample i's noise comes from (seed, i) alone,
     so the result does not depend on the batch size or the number of GPUs."""
     C, S = model.in_channels, model.model_args['input_size']
     z = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(common.seed_for(args.seed, i))) for i in indices])
     y = torch.as_tensor(labels, device=device)
     latents = dit.euler_sample(model, z.to(device), y, steps=args.steps, shift=args.shift, cfg_scale=args.cfg_scale,
-                               cfg_interval_start=args.cfg_interval_start, cfg_channels=args.cfg_channels or None)
-    return vae.decode(latents * stats['std'].view(1, -1, 1, 1) + stats['mean'].view(1, -1, 1, 1))
+                               cfg_interval_start=args.cfg_interval_start, cfg_channels=args.cfg_channels or None,
+                               progress=progress)
+    return vae.decode(dit.destandardise(latents, stats))
 
 
 def write_grid(model, vae, stats, classes, args, device):
     labels_wanted = check_classes(model, args.classes)
     labels = [c for c in labels_wanted for _ in range(args.n)]
     t0 = time.time()
-    images = torch.cat([generate(model, vae, stats, labels[i:i + args.batch_size], range(i, min(len(labels), i + args.batch_size)), args, device)
-                        for i in tqdm(range(0, len(labels), args.batch_size), desc='sampling')])
+    images = torch.cat([generate(model, vae, stats, labels[i:i + args.batch_size], range(i, min(len(labels), i + args.batch_size)), args,
+                                 device, progress=True) for i in range(0, len(labels), args.batch_size)])
     names = [classes[c] if classes else f'class {c}' for c in labels_wanted] if model.num_classes > 1 else None
     out = args.out or os.path.join('samples', 'grid_' + '_'.join(map(str, labels_wanted)) + '.png')
     data.save_grid(images, out, ncol=args.n, row_labels=names, upscale=max(1, 128 // images.shape[-1]))
@@ -147,8 +163,8 @@ def write_fid_samples(model, vae, stats, args, dist):
         images = generate(model, vae, stats, labels, rows, args, dist.device)
         store.write(b, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))
     if store.finish():
-        np.savez(out + '.tmp.npz', arr_0=store.arrays['images'], arr_1=store.arrays['labels'])
-        os.replace(out + '.tmp.npz', out)
+        with fileio.atomic_write(out) as f:  # a file object: np.savez adds no '.npz' to the name
+            np.savez(f, arr_0=store.arrays['images'], arr_1=store.arrays['labels'])
         for name in ('images', 'labels', 'done'):
             os.remove(os.path.join(out + '.parts', f'{name}.npy'))
         os.rmdir(out + '.parts')

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import common
 import data
 import dit
+import fileio
 import vmae
 
 
@@ -77,34 +78,25 @@ def main(cfg):
     device, say = dist.device, common.print0
     if cfg.model not in dit.DiT_models:
         raise ValueError(f"unknown model '{cfg.model}': choose one of {list(dit.DiT_models)}")
-    per_step = cfg.micro_batch_size * dist.world_size
-    if cfg.batch_size % per_step:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x ranks = {per_step}")
-    accum = cfg.batch_size // per_step
+    accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
     latent_dir = cfg.latents or os.path.join(cfg.out_dir, 'latents')
-    resume_from = common.read_run_checkpoint(last_path, dit.read_checkpoint, 'dit') if cfg.resume else None  # a wrong file fails before any work
+    resume_from = common.read_run_checkpoint(last_path, 'dit') if cfg.resume else None  # a wrong file fails before any work
 
     # 1. latents (the VMAE is needed to extract them and to decode the sample grids)
     vmae_path = cfg.vmae or read_meta(latent_dir).get('vmae', '')
     if not vmae_path:
         raise ValueError("no VMAE given: pass --vmae (a train_vmae.py checkpoint or the authors' vmaef8d16.pth)")
     autoencoder = vmae.load_vmae(vmae_path, device, img_size=cfg.image_size)
-    source = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': common.file_sha256(vmae_path)}
+    source = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': fileio.file_sha256(vmae_path)}
     meta = read_meta(latent_dir)
     check_latents_match(meta, source, latent_dir)
     if not meta.get('complete'):
         meta = extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist)
     dataset = LatentDataset(latent_dir, meta)
-    stats = {k: torch.tensor(meta[k]) for k in ('mean', 'std')}
-    mean_c, std_c = (stats[k].view(1, -1, 1, 1).to(device) for k in ('mean', 'std'))
+    stats = {k: torch.tensor(meta[k], device=device) for k in ('mean', 'std')}
 
-    sampler = data.ResumableSampler(len(dataset), dist.rank, dist.world_size, cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=data.worker_count(cfg.num_workers), pin_memory=device.type == 'cuda')
-    steps_per_epoch = sampler.per_rank // (cfg.micro_batch_size * accum)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} latents cannot fill one step of batch_size {cfg.batch_size}: lower --batch_size")
+    loader, sampler, steps_per_epoch = data.training_loader(dataset, cfg.micro_batch_size, accum, dist, cfg.seed, cfg.num_workers, 'latents')
 
     # 2. model, EMA and optimizer; an unconditional dataset (one class) gets no label dropout and no null class
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -115,13 +107,13 @@ def main(cfg):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=device.type == 'cuda')
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == 'fp16' and device.type == 'cuda')
+    ctx, scaler = common.mixed_precision(device, cfg.dtype)
     step = 0
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
         ema.load_state_dict(resume_from['ema'])
         step = common.restore_run(resume_from, optimizer, scaler, cfg, last_path)
-        resume_from = None  # free the memory
+        del resume_from  # the optimizer state it holds is large
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} latents "
         f"{tuple(meta['shape'][1:])} | {num_classes} classes | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} "
         f"accumulation = {cfg.batch_size} per step | {cfg.max_steps} steps | {device} {cfg.dtype}")
@@ -137,13 +129,20 @@ def main(cfg):
         for micro, (moments, y) in enumerate(micro_batches):
             moments, y = moments.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
             mean, logvar = moments.chunk(2, dim=1)
-            x1 = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) - mean_c) / std_c  # a fresh posterior sample, standardised
-            with common.micro_batch_context(train_model, micro == accum - 1), common.autocast(device, cfg.dtype):
+            x1 = dit.standardise(mean + torch.exp(0.5 * logvar) * torch.randn_like(mean), stats)  # a fresh posterior sample
+            if dist.ddp:  # all-reduce the gradients only once, after the last micro-batch
+                train_model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
                 loss = dit.flow_loss(train_model, x1, y).mean()
-                scaler.scale(loss / accum).backward()
+            scaler.scale(loss / accum).backward()
             meter.add({'loss': loss})
-        common.optimizer_step(optimizer, scaler, model, cfg.grad_clip)
-        update_ema(ema, model, cfg.ema_decay)
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        dit.update_ema(ema, model, cfg.ema_decay)
         step += 1
         log.step(cfg.batch_size)
 
@@ -154,20 +153,14 @@ def main(cfg):
         if dist.master and (step % cfg.sample_every == 0 or last):
             save_sample_grid(ema, autoencoder, stats, meta, cfg, step)
         if dist.master and (step % cfg.ckpt_every == 0 or last):
-            ckpt = dit.dit_checkpoint(model, ema, stats, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                      step=step, config={**dataclasses.asdict(cfg), 'vmae': os.path.abspath(vmae_path),
-                                                                 'vmae_sha256': meta['vmae_sha256']},
-                                      classes=meta['classes'])
+            ckpt = dit.dit_checkpoint(model, ema, {k: v.cpu() for k, v in stats.items()}, optimizer=optimizer.state_dict(),
+                                      scaler=scaler.state_dict(), step=step, classes=meta['classes'],
+                                      config={**dataclasses.asdict(cfg), 'vmae': os.path.abspath(vmae_path), 'vmae_sha256': meta['vmae_sha256']})
             common.save_run_checkpoint(ckpt, cfg.out_dir, step, cfg.keep_every)
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()
 
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
 
 #################################################################################
 #                                Latent Extraction                              #
@@ -198,13 +191,6 @@ def read_meta(latent_dir):
     return json.load(open(path)) if os.path.isfile(path) else {}
 
 
-def write_meta(latent_dir, meta):
-    tmp = os.path.join(latent_dir, 'meta.json.tmp')
-    with open(tmp, 'w') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(latent_dir, 'meta.json'))
-
-
 def check_latents_match(meta, source, latent_dir):
     """Latents already in latent_dir (complete or not) must come from this run's data, size and VMAE."""
     wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in source.items() if meta and meta.get(k) != v]
@@ -225,7 +211,7 @@ def extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist):
         'classes': dataset.classes, 'shape': [2, channels, grid, grid], 'dtype': cfg.latent_dtype, 'complete': False}
     if dist.master and not os.path.isfile(os.path.join(latent_dir, 'meta.json')):
         os.makedirs(latent_dir, exist_ok=True)
-        write_meta(latent_dir, meta)
+        fileio.write_json(os.path.join(latent_dir, 'meta.json'), meta)
     store = common.ShardedArrays(latent_dir, n, bs, {'latents': (meta['shape'], meta['dtype']), 'labels': ((), np.int64)}, dist)
     todo = store.todo()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i for _, rows in todo for i in rows]),
@@ -238,7 +224,7 @@ def extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist):
         store.write(b, latents=moments.cpu().numpy(), labels=y.numpy())
     if store.finish():
         meta.update(latent_statistics(store.arrays['latents'], cfg.seed), complete=True)
-        write_meta(latent_dir, meta)
+        fileio.write_json(os.path.join(latent_dir, 'meta.json'), meta)
     common.barrier()
     return read_meta(latent_dir)
 
@@ -248,17 +234,12 @@ def latent_statistics(latents, seed, num=10_000, chunk=1000):
     latents, as the authors measured them, in float64."""
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(len(latents), size=min(num, len(latents)), replace=False))
-    total = total_sq = count = 0
+    stats = dit.LatentStats(latents.shape[2] // 2)
     for start in range(0, len(index), chunk):
         moments = np.asarray(latents[index[start:start + chunk], 0], dtype=np.float64)  # (n, 2C, h, w)
         mean, logvar = np.split(moments, 2, axis=1)
-        z = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)
-        total = total + z.sum(axis=(0, 2, 3))
-        total_sq = total_sq + (z ** 2).sum(axis=(0, 2, 3))
-        count += z.shape[0] * z.shape[2] * z.shape[3]
-    mean = total / count
-    std = np.sqrt((total_sq - count * mean ** 2) / (count - 1))
-    return {'mean': mean.tolist(), 'std': std.tolist()}
+        stats.add(torch.from_numpy(mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)))
+    return {k: v.tolist() for k, v in stats.result().items()}
 
 #################################################################################
 #                                  Sample Grids                                 #
@@ -273,8 +254,7 @@ def save_sample_grid(ema, autoencoder, stats, meta, cfg, step, per_class=4, max_
     _, channels, h, w = meta['shape']
     z = torch.randn(len(y), channels // 2, h, w, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     scale = cfg.sample_cfg_scale if ema.null_label is not None else 1.0
-    latents = dit.euler_sample(ema, z, y, steps=cfg.sample_steps, cfg_scale=scale)
-    images = autoencoder.decode(latents * stats['std'].view(1, -1, 1, 1).to(device) + stats['mean'].view(1, -1, 1, 1).to(device))
+    images = autoencoder.decode(dit.destandardise(dit.euler_sample(ema, z, y, steps=cfg.sample_steps, cfg_scale=scale), stats))
     labels = [meta['classes'][c] for c in classes] if meta['num_classes'] > 1 else None
     data.save_grid(images, os.path.join(cfg.out_dir, f'samples_{step:07d}.png'), ncol=per_class, row_labels=labels,
                    upscale=max(1, 128 // cfg.image_size))

@@ -27,8 +27,8 @@ import torch
 
 import common
 import data
+import metrics
 import vmae
-from evaluate import psnr_per_image
 
 
 @dataclasses.dataclass
@@ -86,25 +86,17 @@ def main(cfg):
         raise ValueError(f"unknown model '{cfg.model}': choose one of {list(vmae.VMAE_models)}")
     if cfg.dtype not in ('bf16', 'fp16', 'fp32'):
         raise ValueError(f"dtype must be bf16, fp16 or fp32, got '{cfg.dtype}'")
-    per_step = cfg.micro_batch_size * dist.world_size
-    if cfg.batch_size % per_step:
-        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x ranks = {per_step}")
-    accum = cfg.batch_size // per_step
+    accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
 
     # read the checkpoints first, so a wrong file fails before the data scan
-    resume_from = common.read_run_checkpoint(last_path, vmae.read_checkpoint, 'vmae') if cfg.resume else None
-    init_weights = init_state(cfg.init_from) if cfg.init_from and not cfg.resume else None
+    resume_from = common.read_run_checkpoint(last_path, 'vmae') if cfg.resume else None
+    init_weights = vmae.read_vmae(cfg.init_from)[1] if cfg.init_from and not cfg.resume else None
     perceptual = vmae.lpips_vgg().to(device) if cfg.perceptual_weight > 0 else None  # offline without VGG16: stop now
 
     # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=True)
-    sampler = data.ResumableSampler(len(dataset), dist.rank, dist.world_size, cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=data.worker_count(cfg.num_workers), pin_memory=device.type == 'cuda')
-    steps_per_epoch = sampler.per_rank // (cfg.micro_batch_size * accum)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images cannot fill one step of batch_size {cfg.batch_size}: lower --batch_size")
+    loader, sampler, steps_per_epoch = data.training_loader(dataset, cfg.micro_batch_size, accum, dist, cfg.seed, cfg.num_workers)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     stop_step = min(total_steps, round(cfg.stop_epoch * steps_per_epoch)) if cfg.stop_epoch else total_steps
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
@@ -123,15 +115,15 @@ def main(cfg):
             module.requires_grad_(False)
     model.to(device)
     optimizer = make_optimizer(model, lr, cfg)
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == 'fp16' and device.type == 'cuda')
+    say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
+        f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
+        f"{cfg.batch_size} per step | lr {lr:.3g} | {steps_per_epoch} steps/epoch | {stop_step} steps | {device} {cfg.dtype}")
+    ctx, scaler = common.mixed_precision(device, cfg.dtype)
     step = 0
     if resume_from is not None:
         model.load_weights(resume_from['model'])
         step = common.restore_run(resume_from, optimizer, scaler, cfg, last_path)
-        resume_from = None  # free the memory
-    say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
-        f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
-        f"{cfg.batch_size} per step | lr {lr:.3g} | {steps_per_epoch} steps/epoch | {stop_step} steps | {device} {cfg.dtype}")
+        del resume_from  # the optimizer state it holds is large
     train_model = common.wrap_for_training(model, cfg.compile, dist)
 
     log = common.RunLog(cfg.out_dir, dist.master, step, stop_step)
@@ -143,17 +135,24 @@ def main(cfg):
         if step >= stop_step:
             break
         torch.manual_seed(common.seed_for(cfg.seed, dist.rank, step))  # masks and posterior noise follow (seed, rank, step): resume is exact
-        for g in optimizer.param_groups:
-            g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
         for micro, (x, _) in enumerate(micro_batches):
             x = x.to(device, non_blocking=True)
-            with common.micro_batch_context(train_model, micro == accum - 1), common.autocast(device, cfg.dtype):
+            if dist.ddp:  # all-reduce the gradients only once, after the last micro-batch
+                train_model.require_backward_grad_sync = micro == accum - 1
+            with ctx:
                 noisy = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
                 recon, mask, posterior = train_model(noisy, cfg.mask_ratio, cfg.sample_posterior)
                 loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
-                scaler.scale(loss / accum).backward()
+            scaler.scale(loss / accum).backward()
             meter.add({'loss': loss, **terms})
-        common.optimizer_step(optimizer, scaler, model, cfg.grad_clip)
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for g in optimizer.param_groups:
+            g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         log.step(cfg.batch_size)
 
@@ -164,18 +163,12 @@ def main(cfg):
         if dist.master and (step % cfg.image_every == 0 or last):
             log.log(step, {'val_psnr': save_reconstructions(model, val_images, cfg, step)})
         if dist.master and (step % cfg.ckpt_every == 0 or last):
-            common.save_run_checkpoint(checkpoint(model, optimizer, scaler, step, cfg), cfg.out_dir, step, cfg.keep_every)
+            ckpt = vmae.vmae_checkpoint(model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                                        config=dataclasses.asdict(cfg))  # the data order and random draws follow (seed, step)
+            common.save_run_checkpoint(ckpt, cfg.out_dir, step, cfg.keep_every)
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()
-
-
-def init_state(path):
-    """Weights to start from: a train_vmae.py checkpoint or an authors' file (both under 'model')."""
-    ckpt = vmae.read_checkpoint(path)
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and 'to_latent.weight' in ckpt['model']):
-        raise ValueError(f"--init_from '{path}' is not a VMAE checkpoint (expected weights under 'model' with keys like to_latent.weight)")
-    return ckpt['model']
 
 
 def make_optimizer(model, lr, cfg):
@@ -195,13 +188,6 @@ def lr_at(step, lr, min_lr, warmup_steps, total_steps):
         return lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def checkpoint(model, optimizer, scaler, step, cfg):
-    """Everything --resume needs; the data order and random draws are functions of (seed, step)."""
-    return {'kind': 'vmae', 'version': 1, 'model_args': dict(model.args, mask_token=model.mask_token is not None),
-            'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'step': step, 'config': dataclasses.asdict(cfg)}
 
 
 def fixed_val_batch(cfg, train_set, n=8):
@@ -225,7 +211,7 @@ def save_reconstructions(model, images, cfg, step):
     model.train()
     data.save_grid(torch.cat([images, recon]), os.path.join(cfg.out_dir, f'recon_{step:07d}.png'), ncol=len(images),
                    row_labels=['original', 'reconstruction'], upscale=max(1, 128 // cfg.image_size))
-    return float(psnr_per_image(data.to_uint8(images).numpy(), data.to_uint8(recon).numpy()).mean())
+    return float(metrics.psnr_per_image(data.to_uint8(images).numpy(), data.to_uint8(recon).numpy()).mean())
 
 
 if __name__ == '__main__':

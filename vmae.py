@@ -21,9 +21,7 @@ Usage:
     x_rec = model.decode(z)                        # (B, 3, 256, 256), [-1, 1] scale, unclamped
 """
 
-import argparse
 import dataclasses
-import json
 import os
 import warnings
 
@@ -31,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fileio import read_checkpoint, strip_wrapper_prefixes
 
 #################################################################################
 #                              Transformer Blocks                               #
@@ -249,8 +249,7 @@ class VMAE(nn.Module):
         """Strictly load weights from our checkpoints or the authors' (stage-1 or final) files:
         drops their LPIPS copy (`perceptual_loss.*`), a `mask_token` this model does not use, wrapper
         prefixes, and resizes position tables from another image size the way the authors did."""
-        sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in state_dict.items()
-              if not k.startswith('perceptual_loss.')}
+        sd = {k: v for k, v in strip_wrapper_prefixes(state_dict).items() if not k.startswith('perceptual_loss.')}
         if self.mask_token is None:
             sd.pop('mask_token', None)
         elif 'mask_token' not in sd:  # e.g. masked training started from a final (mask-free) model
@@ -385,53 +384,44 @@ def VMAE_tiny(**kwargs):
 VMAE_models = {'VMAE-f8d16': VMAE_f8d16, 'VMAE-small': VMAE_small, 'VMAE-tiny': VMAE_tiny}
 
 
-def read_checkpoint(path):
-    """torch.load that never runs code from the file (weights_only); the authors' files also hold
-    an argparse.Namespace of their training arguments, which is allowed as plain data."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean: not a checkpoint we can read safely
-        raise ValueError(f"'{path}' is not a PyTorch checkpoint this project can read safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+CHECKPOINT_VERSION = 1
 
 
-def read_latent_stats(path):
-    """Per-channel mean and std (C,) of VMAE latents, as a DiT standardised them: from a train_dit.py
-    checkpoint ('latent_stats') or its latents/meta.json, or the authors' latents_stats.pt ((1, C, 1, 1))."""
-    if path.endswith('.json'):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"'{path}' not found")
-        with open(path) as f:
-            stats = json.load(f)
-    else:
-        ckpt = read_checkpoint(path)
-        stats = ckpt.get('latent_stats', ckpt) if isinstance(ckpt, dict) else None
-    if not (isinstance(stats, dict) and stats.get('mean') is not None and stats.get('std') is not None):
-        raise ValueError(f"'{path}' holds no latent statistics: expected a train_dit.py checkpoint or latents/meta.json, "
-                         f"or the authors' latents_stats.pt (a dict with 'mean' and 'std')")
-    return {k: torch.as_tensor(stats[k], dtype=torch.float32).flatten() for k in ('mean', 'std')}
+def vmae_checkpoint(model, **extra):
+    """The checkpoint dict train_vmae.py saves and load_vmae reads:
+        kind        'vmae'
+        version     CHECKPOINT_VERSION
+        model_args  the VMAE constructor kwargs (model.args): VMAE(**model_args) rebuilds it
+        model       the state dict of the plain VMAE (no DDP or torch.compile wrapper)
+        **extra     anything else the trainer keeps (optimizer state, step, config, ...)"""
+    return {'kind': 'vmae', 'version': CHECKPOINT_VERSION, 'model_args': dict(model.args, mask_token=model.mask_token is not None),
+            'model': model.state_dict(), **extra}
+
+
+def read_vmae(path):
+    """-> (constructor kwargs, state dict) of a VMAE file: ours (see vmae_checkpoint) or the authors'
+    vmaef8d16.pth and stage-1 checkpoints (weights under 'model', no arguments: read off the shapes).
+    Anything else is a one-line ValueError that says what the file holds."""
+    ckpt = read_checkpoint(path, 'VMAE checkpoint')
+    if isinstance(ckpt, dict) and ckpt.get('kind') == 'vmae':
+        if ckpt.get('version', CHECKPOINT_VERSION) > CHECKPOINT_VERSION:
+            raise ValueError(f"'{path}' is a VMAE checkpoint of format version {ckpt['version']}; this code reads up to {CHECKPOINT_VERSION}")
+        return dict(ckpt['model_args']), ckpt['model']
+    if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and 'to_latent.weight' in ckpt['model']:
+        state_dict = strip_wrapper_prefixes(ckpt['model'])
+        return authors_vmae_args(state_dict), state_dict
+    found = f"kind '{ckpt['kind']}'" if isinstance(ckpt, dict) and 'kind' in ckpt else \
+        f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise ValueError(f"'{path}' is not a VMAE checkpoint: expected one written by train_vmae.py or the authors' "
+                     f"vmaef8d16.pth (weights under 'model', with keys like to_latent.weight); found {found}")
 
 
 def load_vmae(path, device='cpu', img_size=None):
-    """A VMAE in eval mode from a train_vmae.py checkpoint or the authors' vmaef8d16.pth (weights
-    under 'model'). The image size is the checkpoint's unless `img_size` is given, in which case the
-    position tables are resized."""
-    ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and ckpt.get('kind') == 'vmae':
-        args = dict(ckpt['model_args'], mask_token=False)
-        state_dict = ckpt['model']
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and 'to_latent.weight' in ckpt['model']:
-        state_dict = {k.removeprefix('module.'): v for k, v in ckpt['model'].items()}
-        args = authors_vmae_args(state_dict)
-    else:
-        found = f"kind '{ckpt['kind']}'" if isinstance(ckpt, dict) and 'kind' in ckpt else \
-            f"keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"'{path}' is not a VMAE checkpoint: expected one written by train_vmae.py or the authors' "
-                         f"vmaef8d16.pth (weights under 'model', with keys like to_latent.weight); found {found}")
-    if img_size is not None:
-        args['img_size'] = img_size
+    """A VMAE in eval mode from a train_vmae.py checkpoint or the authors' vmaef8d16.pth. The image size
+    is the checkpoint's unless `img_size` is given, in which case the position tables are resized.
+    The mask token, a training-only parameter, is dropped."""
+    args, state_dict = read_vmae(path)
+    args.update(mask_token=False, **({'img_size': img_size} if img_size else {}))
     model = VMAE(**args)
     model.load_weights(state_dict)
     return model.to(device).eval()

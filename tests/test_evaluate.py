@@ -1,7 +1,7 @@
 """
-Tests of evaluate.py, with no downloaded weights: the Inception gets a random state dict with the
-real key names and shapes (written by the tests), metrics are checked against closed forms and
-independent brute-force references.
+Tests of evaluate.py and what it runs (inception.py, metrics.py, analyses.py), with no downloaded
+weights: the Inception gets a random state dict with the real key names and shapes (written by the
+tests), metrics are checked against closed forms and independent brute-force references.
 
     python -m pytest tests/test_evaluate.py -q
 """
@@ -21,9 +21,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import analyses
+import common
 import evaluate
+import metrics
+import vmae
 from data import BuiltinShapes, center_crop_arr, to_uint8
-from vmae import VMAE_models, lpips_vgg, read_latent_stats
+from dit import read_latent_stats
+from inception import FID_WEIGHTS_URL, FIDInceptionV3, inception_weights_path, load_inception, resize_tf1_bilinear
+from vmae import VMAE_models, lpips_vgg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +43,7 @@ def random_inception_state_dict(seed=0):
     the 94 layers, so the features are informative enough for the metrics."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for k, v in evaluate.FIDInceptionV3().state_dict().items():
+    for k, v in FIDInceptionV3().state_dict().items():
         if k.endswith('num_batches_tracked'):
             sd[k] = torch.tensor(0)
         elif k.endswith('conv.weight'):
@@ -60,7 +66,7 @@ def inception_file(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def inception(inception_file):
-    return evaluate.load_inception(inception_file, 'cpu', allow_random=True)
+    return load_inception(inception_file, 'cpu', allow_random=True)
 
 
 @pytest.fixture(scope='session')
@@ -109,7 +115,7 @@ def cli_error(capsys, *args):
 # Inception
 
 def test_inception_has_pytorch_fid_keys_and_shapes():
-    sd = evaluate.FIDInceptionV3().state_dict()
+    sd = FIDInceptionV3().state_dict()
     assert len(sd) == 566
     lines = '\n'.join(f"{k} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in sorted(sd.items()))
     assert hashlib.sha256(lines.encode()).hexdigest() == FID_INCEPTION_KEYS_DIGEST
@@ -147,15 +153,15 @@ def test_inception_features(inception):
 def test_inception_load_errors(tmp_path, inception_file):
     sd = random_inception_state_dict()
     with pytest.raises(ValueError, match='--allow-random-inception'):
-        evaluate.load_inception(inception_file)
+        load_inception(inception_file)
     del sd['fc.bias']
     torch.save(sd, tmp_path / 'missing.pth')
     with pytest.raises(ValueError, match='1 missing keys'):
-        evaluate.load_inception(str(tmp_path / 'missing.pth'), allow_random=True)
+        load_inception(str(tmp_path / 'missing.pth'), allow_random=True)
     sd['fc.bias'] = torch.zeros(1000)
     torch.save(sd, tmp_path / 'shape.pth')
     with pytest.raises(ValueError, match='does not fit'):
-        evaluate.load_inception(str(tmp_path / 'shape.pth'), allow_random=True)
+        load_inception(str(tmp_path / 'shape.pth'), allow_random=True)
 
 
 def test_weights_offline_error(tmp_path, monkeypatch):
@@ -164,11 +170,11 @@ def test_weights_offline_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
-        evaluate.inception_weights_path(None)
-    assert evaluate.FID_WEIGHTS_URL in str(e.value)
+        inception_weights_path(None)
+    assert FID_WEIGHTS_URL in str(e.value)
     assert os.path.join(str(tmp_path), 'checkpoints', 'pt_inception-2015-12-05-6726825d.pth') in str(e.value)
     with pytest.raises(FileNotFoundError, match='--inception'):
-        evaluate.inception_weights_path(str(tmp_path / 'nope.pth'))
+        inception_weights_path(str(tmp_path / 'nope.pth'))
 
 # -----------------------------------------------------------------------------
 # TF1 resize
@@ -193,7 +199,7 @@ def tf1_resize_reference(img, size):
 def test_tf1_resize_closed_forms():
     for row, size, expected in [([0, 100], 4, [0, 50, 100, 100]), ([0, 30, 90], 5, [0, 18, 42, 78, 90])]:
         x = torch.tensor(row, dtype=torch.float32).expand(len(row), -1)[None, None]  # constant columns
-        out = evaluate.resize_tf1_bilinear(x, size)
+        out = resize_tf1_bilinear(x, size)
         torch.testing.assert_close(out[0, 0, 0], torch.tensor(expected, dtype=torch.float32))
         torch.testing.assert_close(out[0, 0, :, 0], out[0, 0, :, 0].new_zeros(size))
     torch_bilinear = F.interpolate(torch.tensor([[[[0.0, 100.0]] * 2]]), size=(4, 4), mode='bilinear', align_corners=False)
@@ -203,7 +209,7 @@ def test_tf1_resize_closed_forms():
 @pytest.mark.parametrize('shape', [(256, 256), (17, 40), (333, 97), (299, 299)])
 def test_tf1_resize_matches_reference(shape):
     img = np.random.default_rng(1).integers(0, 256, shape).astype(np.float32)
-    out = evaluate.resize_tf1_bilinear(torch.from_numpy(img)[None, None], 299)[0, 0].numpy()
+    out = resize_tf1_bilinear(torch.from_numpy(img)[None, None], 299)[0, 0].numpy()
     np.testing.assert_allclose(out, tf1_resize_reference(img, 299), rtol=0, atol=1e-4)
     if shape == (299, 299):
         assert np.array_equal(out, img)
@@ -224,12 +230,12 @@ def test_fid_closed_forms():
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
     a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
     expected = ((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
-    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     x = rng.normal(size=(200, d))
     s = np.cov(x, rowvar=False)
-    assert evaluate.frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-10)
-    assert evaluate.frechet_distance(mu1, s, mu2, 0.7 ** 2 * s) == pytest.approx(((mu1 - mu2) ** 2).sum() + np.trace(s) * 0.3 ** 2, rel=1e-10)
-    assert abs(evaluate.frechet_distance(mu1, s, mu1, s)) < 1e-10 * np.trace(s)
+    assert metrics.frechet_distance(mu1, s, mu2, s) == pytest.approx(((mu1 - mu2) ** 2).sum(), rel=1e-10)
+    assert metrics.frechet_distance(mu1, s, mu2, 0.7 ** 2 * s) == pytest.approx(((mu1 - mu2) ** 2).sum() + np.trace(s) * 0.3 ** 2, rel=1e-10)
+    assert abs(metrics.frechet_distance(mu1, s, mu1, s)) < 1e-10 * np.trace(s)
 
 
 def test_fid_realistic_and_rank_deficient():
@@ -239,18 +245,18 @@ def test_fid_realistic_and_rank_deficient():
     for n, tolerance in ((2000, 1e-10), (20, 1e-7)):
         f1 = np.maximum(rng.normal(size=(n, d)), 0)
         f2 = np.maximum(rng.normal(0.2, 1.1, size=(n, d)), 0)
-        (mu1, s1), (mu2, s2) = evaluate.statistics(f1), evaluate.statistics(f2)
+        (mu1, s1), (mu2, s2) = metrics.statistics(f1), metrics.statistics(f2)
         expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2)
-        assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=tolerance)
+        assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=tolerance)
 
 
 def test_fid_eps_retry_and_imaginary_check():
     # a nilpotent product has no square root: scipy returns inf, ADM retries with eps on both diagonals
     s1, s2, eps = np.array([[0.0, 1.0], [0.0, 0.0]]), np.eye(2), 1e-6
     expected = 0 + 2 - 2 * 2 * math.sqrt(eps * (1 + eps))  # tr S1 + tr S2 - 2 tr sqrt((S1 + eps I)(S2 + eps I))
-    assert evaluate.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match='imaginary'):
-        evaluate.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
 # -----------------------------------------------------------------------------
 # Inception Score
@@ -265,9 +271,9 @@ def test_inception_score_exact_construction():
     p_hi, p_lo = math.exp(12) / z, math.exp(-8) / z
     q_used = (p_hi + 999 * p_lo) / 1000  # marginal of the 1000 used classes; the 8 others keep p_lo
     kl = p_hi * math.log(p_hi / q_used) + 999 * p_lo * math.log(p_lo / q_used) + 8 * p_lo * math.log(p_lo / p_lo)
-    assert evaluate.inception_score(logits) == pytest.approx(math.exp(kl), rel=1e-12)
-    assert evaluate.inception_score(logits) == pytest.approx(999.956646, abs=1e-6)
-    assert evaluate.inception_score(np.tile(np.random.default_rng(0).normal(size=1008), (6000, 1))) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.inception_score(logits) == pytest.approx(math.exp(kl), rel=1e-12)
+    assert metrics.inception_score(logits) == pytest.approx(999.956646, abs=1e-6)
+    assert metrics.inception_score(np.tile(np.random.default_rng(0).normal(size=1008), (6000, 1))) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_inception_score_matches_adm_float32():
@@ -278,7 +284,7 @@ def test_inception_score_matches_adm_float32():
         p /= p.sum(1, keepdims=True)
         kl = p * (np.log(p) - np.log(p.mean(0, keepdims=True)))
         scores.append(np.exp(kl.sum(1).mean()))
-    assert evaluate.inception_score(logits) == pytest.approx(float(np.mean(scores)), rel=1e-5)
+    assert metrics.inception_score(logits) == pytest.approx(float(np.mean(scores)), rel=1e-5)
 
 # -----------------------------------------------------------------------------
 # precision / recall
@@ -300,33 +306,33 @@ def test_precision_recall_brute_force():
     expected = brute_force_pr(ref, smp)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
     for batch_size in (7, 10000):  # block boundaries must not matter
-        assert evaluate.precision_recall(ref, smp, batch_size=batch_size, fp16=False) == pytest.approx(expected, abs=1e-12)
-    assert evaluate.precision_recall(ref, smp, batch_size=7) == pytest.approx(expected, abs=1e-12)  # fp16: no ties here
+        assert metrics.precision_recall(ref, smp, batch_size=batch_size, fp16=False) == pytest.approx(expected, abs=1e-12)
+    assert metrics.precision_recall(ref, smp, batch_size=7) == pytest.approx(expected, abs=1e-12)  # fp16: no ties here
     # every point 4 times: all radii 0, only exact copies are covered (small integers: exact distances;
     # with general floats the radius is rounding noise, in ADM too)
     dup = np.repeat(rng.integers(-4, 5, size=(10, 8)), 4, axis=0).astype(np.float32)
-    assert evaluate.manifold_radii(torch.from_numpy(dup), 3, 7, False).abs().max() == 0
+    assert metrics.manifold_radii(torch.from_numpy(dup), 3, 7, False).abs().max() == 0
     smp = np.concatenate([dup[:8], dup[:8] + 1])
     for fp16 in (False, True):
-        assert evaluate.precision_recall(dup, smp, fp16=fp16) == brute_force_pr(dup, smp) == (0.5, 0.2)
+        assert metrics.precision_recall(dup, smp, fp16=fp16) == brute_force_pr(dup, smp) == (0.5, 0.2)
 
 
 def test_precision_recall_hand_computed():
     ref = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]], np.float32)  # squared 3-NN radii 9, 4, 4, 4, 9
-    torch.testing.assert_close(evaluate.manifold_radii(torch.from_numpy(ref), 3, 2, False), torch.tensor([9.0, 4, 4, 4, 9]))
+    torch.testing.assert_close(metrics.manifold_radii(torch.from_numpy(ref), 3, 2, False), torch.tensor([9.0, 4, 4, 4, 9]))
     smp = np.array([[-3.0], [7.0], [7.1], [10.0], [30.0]], np.float32)  # radii 169, 100, 102.01, 169, 529: every ref inside
-    assert evaluate.precision_recall(ref, smp, fp16=False) == (0.4, 1.0)  # -3 (by 0) and 7 (by 4) are inside
+    assert metrics.precision_recall(ref, smp, fp16=False) == (0.4, 1.0)  # -3 (by 0) and 7 (by 4) are inside
 
 
 def test_precision_recall_limits():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 16)).astype(np.float32)
-    assert evaluate.precision_recall(x, x) == (1.0, 1.0)
-    assert evaluate.precision_recall(x, x + 100) == (0.0, 0.0)
+    assert metrics.precision_recall(x, x) == (1.0, 1.0)
+    assert metrics.precision_recall(x, x + 100) == (0.0, 0.0)
     big = x * 1000  # squared norms overflow float16: ADM falls back to float32
-    assert evaluate.precision_recall(big, big + 10, fp16=True) == evaluate.precision_recall(big, big + 10, fp16=False)
+    assert metrics.precision_recall(big, big + 10, fp16=True) == metrics.precision_recall(big, big + 10, fp16=False)
     with pytest.raises(ValueError, match='more than 3'):
-        evaluate.precision_recall(x[:3], x)
+        metrics.precision_recall(x[:3], x)
 
 # -----------------------------------------------------------------------------
 # reconstruction metrics
@@ -348,15 +354,15 @@ def ssim_reference(a, b):
 
 def test_psnr():
     a = random_images(3)
-    assert np.isinf(evaluate.psnr_per_image(a, a)).all()
+    assert np.isinf(metrics.psnr_per_image(a, a)).all()
     base = np.clip(a, 20, 200)
     for d in (1, 5, 17):
-        np.testing.assert_allclose(evaluate.psnr_per_image(base, base + d), 20 * np.log10(255 / d), rtol=1e-12)
+        np.testing.assert_allclose(metrics.psnr_per_image(base, base + d), 20 * np.log10(255 / d), rtol=1e-12)
     b = random_images(3, seed=1)
     mse = ((a.astype(float) - b) ** 2).mean((1, 2, 3))
-    np.testing.assert_allclose(evaluate.psnr_per_image(a, b), 10 * np.log10(255 ** 2 / mse), rtol=1e-12)
+    np.testing.assert_allclose(metrics.psnr_per_image(a, b), 10 * np.log10(255 ** 2 / mse), rtol=1e-12)
     with pytest.raises(ValueError, match='uint8'):
-        evaluate.psnr_per_image(a.astype(np.float32), b)
+        metrics.psnr_per_image(a.astype(np.float32), b)
 
 
 def test_ssim():
@@ -364,9 +370,9 @@ def test_ssim():
     a = np.stack([np.uint8(np.clip(scipy.ndimage.gaussian_filter(rng.normal(128, 60, (40, 52, 3)), (2, 2, 0)), 0, 255))
                   for _ in range(3)])
     b = np.uint8(np.clip(a + rng.normal(0, 12, a.shape), 0, 255))
-    np.testing.assert_allclose(evaluate.ssim_per_image(a, a), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(metrics.ssim_per_image(a, a), 1.0, rtol=1e-12)
     expected = [ssim_reference(x, y) for x, y in zip(a, b)]
-    np.testing.assert_allclose(evaluate.ssim_per_image(a, b, chunk=2), expected, rtol=1e-10)
+    np.testing.assert_allclose(metrics.ssim_per_image(a, b, chunk=2), expected, rtol=1e-10)
     assert 0.3 < min(expected) < max(expected) < 0.99
 
 
@@ -375,11 +381,11 @@ def test_lpips_matches_the_network():
     torch.manual_seed(0)
     net = lpips_vgg(pretrained=False)
     a, b = random_images(2, 32), random_images(2, 32, seed=1)
-    values = evaluate.lpips_per_image(net, a, b)
+    values = metrics.lpips_per_image(net, a, b)
     to_pm1 = lambda t: torch.from_numpy(t).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         np.testing.assert_allclose(values, net(to_pm1(a), to_pm1(b)).flatten().numpy(), rtol=1e-6)
-    np.testing.assert_allclose(evaluate.lpips_per_image(net, a, a), 0, atol=1e-7)
+    np.testing.assert_allclose(metrics.lpips_per_image(net, a, a), 0, atol=1e-7)
 
 # -----------------------------------------------------------------------------
 # inputs and the statistics cache
@@ -420,7 +426,7 @@ def test_statistics_only_reference(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(evaluate, 'frechet_distance', lambda *s: calls.append(s) or 1.0)
     results, info = evaluate.evaluate_generation(evaluate.open_images(str(tmp_path / 'ref.npz')), evaluate.open_images(str(tmp_path / 'samples.npz')),
-                                                 FakeInception(), evaluate.setup_distributed('cpu'), use_cache=False)
+                                                 FakeInception(), common.setup_distributed('cpu'), use_cache=False)
     assert results['precision'] is None and results['recall'] is None and results['IS'] > 0
     assert np.array_equal(calls[0][3], stats['sigma']) and np.array_equal(calls[1][3], stats['sigma_s'])
     assert info['ref_statistics'] == 'stored in the npz' and info['n_ref'] == 0
@@ -431,7 +437,7 @@ def test_statistics_cache(tmp_path):
     path = tmp_path / 'samples.npz'
     np.savez(path, images)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    fake, d = FakeInception(), evaluate.setup_distributed('cpu')
+    fake, d = FakeInception(), common.setup_distributed('cpu')
     first = evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 2 and os.path.isfile(str(path) + '.inception_stats.npz')
     second = evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
@@ -479,8 +485,8 @@ def test_cli_end_to_end(tmp_path, inception_file, capsys):
     smp = dict(np.load(str(tmp_path / 'samples.npz') + '.inception_stats.npz'))
     ref = dict(np.load(str(tmp_path / 'ref.npz') + '.inception_stats.npz'))
     assert ref['pool'].shape == (4, 2048) and smp['pool'].shape == (5, 2048) and smp['logits'].shape == (5, 1008)
-    assert results['IS'] == pytest.approx(evaluate.inception_score(smp['logits']), rel=1e-12)
-    assert (results['precision'], results['recall']) == evaluate.precision_recall(ref['pool'], smp['pool'])
+    assert results['IS'] == pytest.approx(metrics.inception_score(smp['logits']), rel=1e-12)
+    assert (results['precision'], results['recall']) == metrics.precision_recall(ref['pool'], smp['pool'])
     assert results['ref_statistics'] == results['sample_statistics'] == 'stored in the npz' and results['fid_weights'] is False
     assert hashlib.sha256((tmp_path / 'ref.npz').read_bytes()).hexdigest() == before
 
@@ -503,6 +509,26 @@ def test_cli_errors(tmp_path, capsys, inception_file, vmae_file):
     result = run_cli('recon', '--vmae', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')  # a real process: one line, exit 2
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
 
+def test_cli_fid_command_and_flag_spellings(tmp_path, inception_file, capsys):
+    """`evaluate.py fid` with the documented snake_case flags gives what the old command-less form with
+    kebab flags gives; --no_cache writes no sidecar; a command without a required flag says which."""
+    np.savez(tmp_path / 'ref.npz', random_images(4, 16, seed=2))
+    np.savez(tmp_path / 'samples.npz', random_images(5, 16, seed=3))
+    ref, samples = str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz')
+    evaluate.main(['fid', ref, samples, '--inception', inception_file, '--allow_random_inception', '--device', 'cpu',
+                   '--batch_size', '3', '--no_cache', '--out', str(tmp_path / 'new.json')])
+    assert not os.path.exists(samples + '.inception_stats.npz')
+    evaluate.main(['--device', 'cpu', ref, samples, '--inception', inception_file, '--allow-random-inception',
+                   '--batch-size', '3', '--no-cache', '--out', str(tmp_path / 'old.json')])
+    new, old = json.loads((tmp_path / 'new.json').read_text()), json.loads((tmp_path / 'old.json').read_text())
+    for name in ('FID', 'sFID', 'IS', 'precision', 'recall'):
+        assert new[name] == old[name]
+    assert new['config']['cache'] is False and new['config']['batch_size'] == 3
+    capsys.readouterr()  # the runs' progress bars
+    assert '--vmae' in cli_error(capsys, 'recon', '--data', 'builtin')
+    assert '--masks' in cli_error(capsys, 'compression', '--vmae', str(tmp_path / 'vmae.pt'), '--data', str(tmp_path))
+
+
 # -----------------------------------------------------------------------------
 # reconstruction, smoothness, compression
 
@@ -512,20 +538,20 @@ def test_recon_cli_builtin(tmp_path, vmae_file, capsys):
                    '--num-workers', '0', '--no-rfid', '--no-lpips', '--device', 'cpu', '--out', str(out)])
     assert 'PSNR' in capsys.readouterr().out
     results = json.loads(out.read_text())
-    model = evaluate.load_vmae(vmae_file)
+    model = vmae.load_vmae(vmae_file)
     x = torch.stack([BuiltinShapes(32, split='val')[i][0] for i in range(6)])
     with torch.no_grad():
         recon, original = to_uint8(model.decode(model.encode(x).mean)).numpy(), to_uint8(x).numpy()
-    assert results['psnr'] == pytest.approx(evaluate.psnr_per_image(recon, original).mean(), rel=1e-9)
-    assert results['ssim'] == pytest.approx(evaluate.ssim_per_image(recon, original).mean(), rel=1e-9)
+    assert results['psnr'] == pytest.approx(metrics.psnr_per_image(recon, original).mean(), rel=1e-9)
+    assert results['ssim'] == pytest.approx(metrics.ssim_per_image(recon, original).mean(), rel=1e-9)
     assert results['mse'] == pytest.approx(((recon / 255.0 - original / 255.0) ** 2).mean(), rel=1e-9)
     assert results['n_images'] == 6 and 'rfid' not in results and 'lpips' not in results
 
 
 def test_smoothness(tmp_path, vmae_file, monkeypatch):
-    model = evaluate.load_vmae(vmae_file)
+    model = vmae.load_vmae(vmae_file)
     dataset = torch.utils.data.Subset(BuiltinShapes(32, split='val'), range(5))
-    d, std = evaluate.setup_distributed('cpu'), torch.linspace(0.5, 2.0, 16)
+    d, std = common.setup_distributed('cpu'), torch.linspace(0.5, 2.0, 16)
     fid_calls = []
     monkeypatch.setattr(evaluate, 'frechet_distance', lambda *stats: fid_calls.append(stats) or 1.0)
     runs = [evaluate.evaluate_reconstruction(model, dataset, d, (0.0, 0.3), std, batch_size=b, num_workers=0,
@@ -540,10 +566,10 @@ def test_smoothness(tmp_path, vmae_file, monkeypatch):
     (tmp_path / 'meta.json').write_text(json.dumps({'mean': [0.0] * 16, 'std': std.tolist()}))
     for name in ('dit.pt', 'latents_stats.pt', 'meta.json'):
         torch.testing.assert_close(read_latent_stats(str(tmp_path / name))['std'], std)
-    measured = evaluate.measure_latent_std(model, dataset, d, batch_size=2, num_workers=0, seed=4)
+    measured = analyses.measure_latent_std(model, dataset, d, batch_size=2, num_workers=0, seed=4)
     with torch.no_grad():
         post = model.encode(torch.stack([dataset[i][0] for i in range(5)]))
-    z = post.mean + post.std * evaluate.image_noise(5, range(5), post.mean.shape[1:])  # the same draws (seed + 1)
+    z = post.mean + post.std * analyses.image_noise(5, range(5), post.mean.shape[1:])  # the same draws (seed + 1)
     torch.testing.assert_close(measured, z.transpose(0, 1).flatten(1).std(1), rtol=1e-5, atol=1e-6)
 
 
@@ -560,13 +586,13 @@ def test_segment_statistics():
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2, 3], 25)  # label 0 is unlabelled and dropped
     centres = rng.normal(size=(4, 6)) * 3
-    sigma2, rho = evaluate.segment_statistics(centres[labels], labels)
+    sigma2, rho = analyses.segment_statistics(centres[labels], labels)
     assert sigma2 == pytest.approx(0, abs=1e-12) and rho > 1.5
-    sigma2, rho = evaluate.segment_statistics(centres[labels] + rng.normal(size=(100, 6)) * 0.3, labels)
+    sigma2, rho = analyses.segment_statistics(centres[labels] + rng.normal(size=(100, 6)) * 0.3, labels)
     assert 0 < sigma2 < 0.2 and rho > 1.2
-    sigma2, rho = evaluate.segment_statistics(rng.normal(size=(3000, 6)), rng.integers(1, 4, 3000))
+    sigma2, rho = analyses.segment_statistics(rng.normal(size=(3000, 6)), rng.integers(1, 4, 3000))
     assert sigma2 == pytest.approx(1, abs=0.01) and rho == pytest.approx(1, abs=0.01)
-    assert math.isnan(evaluate.segment_statistics(rng.normal(size=(10, 3)), np.ones(10))[1])  # one segment: no rho
+    assert math.isnan(analyses.segment_statistics(rng.normal(size=(10, 3)), np.ones(10))[1])  # one segment: no rho
 
 
 def test_masks_and_crop_alignment(tmp_path):
@@ -578,20 +604,20 @@ def test_masks_and_crop_alignment(tmp_path):
     os.makedirs(tmp_path / 'celeba' / '0')
     for part, region in (('skin', labels == 7), ('hair', labels == 150), ('nose', labels > 0)):
         Image.fromarray(np.uint8(region) * 255).save(tmp_path / 'celeba' / '0' / f'00003_{part}.png')
-    masks, celeba = evaluate.SegmentationMasks(str(tmp_path)), evaluate.SegmentationMasks(str(tmp_path / 'celeba'))
+    masks, celeba = analyses.SegmentationMasks(str(tmp_path)), analyses.SegmentationMasks(str(tmp_path / 'celeba'))
     assert np.array_equal(masks('x/ADE_1.jpg', (90, 60)), labels)
     assert np.array_equal(masks('x/ADE_2.jpg', (90, 60))[::2, ::2], labels[::2, ::2])
     assert masks('x/other.jpg', (90, 60)) is None
     # parts painted in order: nose (10) over skin (1), hair (17) over nose
     assert set(np.unique(celeba('imgs/3.jpg', (90, 60)))) == {0, 10, 17}
     crop = np.asarray(center_crop_arr(Image.fromarray(image), 24))[..., 0]
-    label_image, table = evaluate.as_label_image(labels)
+    label_image, table = analyses.as_label_image(labels)
     assert table.tolist() == [0, 7, 150]
     crop_labels = table[np.asarray(center_crop_arr(label_image, 24))]
     flat = scipy.ndimage.maximum_filter(crop, 3) == scipy.ndimage.minimum_filter(crop, 3)  # bicubic blends at borders only
     interior = flat & np.isin(crop, [0, 7, 150])
     assert interior.sum() > 200 and np.array_equal(crop[interior], crop_labels[interior])
-    assert np.array_equal(evaluate.patch_labels(np.array([[1, 1, 2, 2], [1, 2, 2, 2]]), 2), [1, 2])
+    assert np.array_equal(analyses.patch_labels(np.array([[1, 1, 2, 2], [1, 2, 2, 2]]), 2), [1, 2])
 
 
 def test_compression_end_to_end(tmp_path, vmae_file):
@@ -605,18 +631,18 @@ def test_compression_end_to_end(tmp_path, vmae_file):
         colours = rng.integers(0, 256, (4, 3))
         Image.fromarray(np.uint8(colours[labels])).save(tmp_path / 'images' / f'img{i}.png')
         Image.fromarray(labels).save(tmp_path / 'masks' / f'img{i}.png')
-    model = evaluate.load_vmae(vmae_file)
-    results = evaluate.evaluate_compression(model, str(tmp_path / 'images'), evaluate.SegmentationMasks(str(tmp_path / 'masks')),
+    model = vmae.load_vmae(vmae_file)
+    results = analyses.evaluate_compression(model, str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / 'masks')),
                                             32, 'cpu')
     assert results['n_images'] == 3 and results['pixel']['sigma2'] == pytest.approx(0, abs=1e-9)
     assert 0 <= results['latent']['sigma2'] <= 1 and results['latent']['n_rho'] == 3
     os.rename(tmp_path / 'masks' / 'img0.png', tmp_path / 'masks' / 'other.png')
-    assert evaluate.evaluate_compression(model, str(tmp_path / 'images'), evaluate.SegmentationMasks(str(tmp_path / 'masks')),
+    assert analyses.evaluate_compression(model, str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / 'masks')),
                                          32, 'cpu')['n_images'] == 2  # images without a mask are left out
     os.makedirs(tmp_path / 'unrelated')
     Image.fromarray(labels).save(tmp_path / 'unrelated' / 'zzz.png')
     with pytest.raises(ValueError, match='none of the images'):
-        evaluate.evaluate_compression(model, str(tmp_path / 'images'), evaluate.SegmentationMasks(str(tmp_path / 'unrelated')), 32, 'cpu')
+        analyses.evaluate_compression(model, str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / 'unrelated')), 32, 'cpu')
 
 # -----------------------------------------------------------------------------
 # DDP sharding
@@ -624,10 +650,10 @@ def test_compression_end_to_end(tmp_path, vmae_file):
 def shard_worker(rank, world_size, port, npz_path, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (as DataLoader workers)
-    d = evaluate.setup_distributed('cpu')
+    d = common.setup_distributed('cpu')
     feats = evaluate.extract_features(FakeInception(), evaluate.open_images(npz_path), d, batch_size=2)  # shards (0, 2), (2, 5)
     np.save(os.path.join(out_dir, f'pool{rank}.npy'), feats['pool'])
-    evaluate.cleanup_distributed()
+    common.cleanup_distributed()
 
 
 @pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:DeprecationWarning')  # Python >= 3.12 on fork
@@ -639,7 +665,7 @@ def test_ddp_features_in_input_order(tmp_path):
     torch.multiprocessing.start_processes(shard_worker, args=(2, port, str(tmp_path / 'x.npz'), str(tmp_path)), nprocs=2,
                                           start_method='fork')  # fork: no re-import of torch in the workers
     single = evaluate.extract_features(FakeInception(), evaluate.open_images(str(tmp_path / 'x.npz')),
-                                       evaluate.setup_distributed('cpu'), batch_size=2)
+                                       common.setup_distributed('cpu'), batch_size=2)
     for rank in range(2):  # every rank holds all features, in input order
         np.testing.assert_allclose(np.load(tmp_path / f'pool{rank}.npy'), single['pool'], atol=1e-5)
     assert [evaluate.shard_bounds(7, r, 3) for r in range(3)] == [(0, 2), (2, 4), (4, 7)]

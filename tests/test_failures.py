@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import dit
+import fileio
 import train_vmae
 import vmae
 from test_train_vmae import tiny_config, weights
@@ -41,7 +42,7 @@ def test_kill_9_during_training_then_resume_gives_the_uninterrupted_result(tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last.exists()
-    killed_at = vmae.read_checkpoint(str(last))['step']
+    killed_at = fileio.read_checkpoint(str(last))['step']
     resumed = script('train_vmae.py', *flags(cfg), '--resume')
     assert resumed.returncode == 0, resumed.stderr
     assert f'resumed from {last} at step {killed_at}' in resumed.stdout
@@ -63,7 +64,7 @@ def test_training_on_a_folder_of_odd_images(tmp_path, capsys):
     train_vmae.main(tiny_config(tmp_path / 'run', data=str(folder), stop_epoch=0, epochs=2, warmup_epochs=0.5))
     out = capsys.readouterr().out
     assert 'skipped 1 unreadable file(s) of 17' in out and '16 images' in out
-    assert vmae.read_checkpoint(str(tmp_path / 'run' / 'last.pt'))['step'] == 2
+    assert fileio.read_checkpoint(str(tmp_path / 'run' / 'last.pt'))['step'] == 2
 
 
 def one_line_error(result):

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import data
 import dit
+import fileio
 import sample
 import train_dit
 import vmae
@@ -86,7 +88,7 @@ def test_two_gpus_worth_of_ranks_write_the_same_npz(trained, tmp_path):
 
 
 def test_authors_dit_with_their_latent_stats(trained, tmp_path):
-    ours = dit.read_checkpoint(str(trained / 'dit' / 'last.pt'))
+    ours = fileio.read_checkpoint(str(trained / 'dit' / 'last.pt'))
     torch.save({'ema': ours['ema'], 'model': ours['model'], 'config': {'model': {'model_type': 'LightningDiT-T/1'}}}, tmp_path / 'theirs.pt')
     stats = ours['latent_stats']
     torch.save({'mean': stats['mean'].view(1, -1, 1, 1), 'std': stats['std'].view(1, -1, 1, 1)}, tmp_path / 'latents_stats.pt')
@@ -131,4 +133,4 @@ def test_unconditional_dit_samples_without_guidance_by_default(trained, tmp_path
     run_sample('--dit', ckpt, '--n', '2', '--steps', '3', '--out', str(tmp_path / 'u.png'))
     assert (tmp_path / 'u.png').exists()
     result = cli('--dit', ckpt, '--cfg-scale', '4', '--steps', '2', '--out', str(tmp_path / 'x.png'))
-    assert result.returncode == 2 and 'cannot be guided: use --cfg-scale 1' in result.stderr
+    assert result.returncode == 2 and 'cannot be guided: use --cfg_scale 1' in result.stderr

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import data
 import dit
+import fileio
 import train_dit
 import vmae
 
@@ -108,7 +110,7 @@ def test_latent_dataset_picks_both_views():
         pass
     ds = train_dit.LatentDataset.__new__(train_dit.LatentDataset)
     ds.moments, ds.labels, ds.num_items = np.arange(2 * 2).reshape(2, 2, 1).astype(np.float32), np.array([5, 7]), 2
-    views = [ds[(1, data.index_seed(0, e, 1))][0].item() for e in range(200)]
+    views = [ds[(1, common.seed_for(0, e, 1))][0].item() for e in range(200)]
     assert set(views) == {2.0, 3.0} and 70 < views.count(3.0) < 130
     assert ds[(1, 0)][1] == 7
 
@@ -117,8 +119,8 @@ def test_training_checkpoint_resume_and_ema(setup, tmp_path):
     train_dit.main(config(setup, tmp_path / 'straight'))
     train_dit.main(config(setup, tmp_path / 'split', max_steps=3))
     train_dit.main(config(setup, tmp_path / 'split', resume=True))
-    a = dit.read_checkpoint(str(tmp_path / 'straight' / 'last.pt'))
-    b = dit.read_checkpoint(str(tmp_path / 'split' / 'last.pt'))
+    a = fileio.read_checkpoint(str(tmp_path / 'straight' / 'last.pt'))
+    b = fileio.read_checkpoint(str(tmp_path / 'split' / 'last.pt'))
     for key in ('model', 'ema'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert a['step'] == 6 and a['classes'] == ['class0', 'class1', 'class2']
@@ -136,13 +138,13 @@ def test_training_checkpoint_resume_and_ema(setup, tmp_path):
 def test_ema_update():
     ema, model = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     before = ema.weight.detach().clone()
-    train_dit.update_ema(ema, model, 0.9)
+    dit.update_ema(ema, model, 0.9)
     assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
     train_dit.main(config(setup, tmp_path, max_steps=3))
-    good = dit.read_checkpoint(str(tmp_path / 'last.pt'))['model']
+    good = fileio.read_checkpoint(str(tmp_path / 'last.pt'))['model']
     real_loss, calls = dit.flow_loss, []
 
     def loss_that_diverges(model, x1, y):  # finite for two steps, then NaN
@@ -152,7 +154,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypat
     monkeypatch.setattr(dit, 'flow_loss', loss_that_diverges)
     with pytest.raises(FloatingPointError, match='last good checkpoint'):
         train_dit.main(config(setup, tmp_path, max_steps=12, resume=True))
-    after = dit.read_checkpoint(str(tmp_path / 'last.pt'))['model']
+    after = fileio.read_checkpoint(str(tmp_path / 'last.pt'))['model']
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 
@@ -177,4 +179,4 @@ def test_two_process_extraction_and_training(setup, tmp_path):
     assert result.returncode == 0, result.stderr
     assert np.allclose(np.load(tmp_path / 'lat1' / 'latents.npy'), np.load(tmp_path / 'lat2' / 'latents.npy'), atol=1e-6)
     assert json.load(open(tmp_path / 'lat2' / 'meta.json'))['complete']
-    assert dit.read_checkpoint(str(tmp_path / 'two' / 'last.pt'))['step'] == 2
+    assert fileio.read_checkpoint(str(tmp_path / 'two' / 'last.pt'))['step'] == 2

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import fileio
 import train_vmae
 import vmae
 
@@ -26,7 +27,7 @@ def tiny_config(out_dir, **overrides):
 
 
 def weights(out_dir):
-    return vmae.read_checkpoint(os.path.join(out_dir, 'last.pt'))['model']
+    return fileio.read_checkpoint(os.path.join(out_dir, 'last.pt'))['model']
 
 
 def losses(out_dir):
@@ -72,7 +73,7 @@ def test_short_run_lowers_the_loss_and_writes_outputs(tmp_path):
     train_vmae.main(tiny_config(tmp_path, epochs=0.1, warmup_epochs=0.01, log_every=10, ckpt_every=1000))
     curve = losses(tmp_path)
     assert len(curve) == 7 and curve[-1] < 0.5 * curve[0], curve
-    ckpt = vmae.read_checkpoint(str(tmp_path / 'last.pt'))
+    ckpt = fileio.read_checkpoint(str(tmp_path / 'last.pt'))
     assert ckpt['kind'] == 'vmae' and ckpt['step'] == 62 and ckpt['config']['model'] == 'VMAE-tiny'
     assert (tmp_path / 'recon_0000062.png').exists()
     assert vmae.load_vmae(str(tmp_path / 'last.pt')).mask_token is None     # loads as an inference model

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import fileio
 import vmae
 
 
@@ -254,7 +255,7 @@ def test_checkpoints_never_run_code(tmp_path):
             return (print, ('pwned',))
     torch.save({'model': Evil()}, tmp_path / 'evil.pt')
     with pytest.raises(ValueError, match='read safely'):
-        vmae.read_checkpoint(str(tmp_path / 'evil.pt'))
+        fileio.read_checkpoint(str(tmp_path / 'evil.pt'))
 
 
 def test_lpips_without_vgg_weights_explains_what_to_do(monkeypatch):

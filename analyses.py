@@ -1,0 +1,230 @@
+"""
+The paper's analyses of a VMAE's latent space (Lee et al., ICCV 2025, section 5):
+- smoothness (Fig. 6): how reconstructions degrade as the latents are perturbed by eps x the
+  per-channel latent std x N(0, I): `image_noise` draws the noise, `measure_latent_std` the std,
+  evaluate.evaluate_reconstruction the metrics, `plot_smoothness` the figure;
+- perceptual compression (Fig. 7): within-segment variance and semantic disentanglement of latent
+  tokens against raw pixel patches, on segmentation masks (ADE20K label PNGs, CelebAMask-HQ parts).
+"""
+
+import itertools
+import math
+import os
+import re
+
+import numpy as np
+import scipy.stats
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from common import exact_fp32, print0, seed_for
+from data import center_crop_arr, open_rgb, scan_image_folder
+from dit import LatentStats
+from metrics import METRIC_LABELS
+from vmae import patchify
+
+# -----------------------------------------------------------------------------
+# latent smoothness (Fig. 6)
+
+SMOOTHNESS_EPS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
+
+
+def image_noise(seed, indices, shape):
+    """One N(0, I) draw of `shape` per image, seeded by (seed, image index): the same noise whatever the
+    batch size or the number of ranks."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, int(i)))) for i in indices])
+
+
+@torch.no_grad()
+def measure_latent_std(model, dataset, d, batch_size=32, num_workers=4, seed=0):
+    """Per-channel std (unbiased, over images and positions) of posterior samples of `dataset`'s images,
+    as the DiT's latent statistics are computed (the authors: sampled latents, 10k training images).
+    -> (C,) float32 on the CPU, the same on every rank."""
+    indices = range(d.rank, len(dataset), d.world_size)  # any split will do: the sums are all-reduced
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+    stats = LatentStats(model.latent_dim, d.device)
+    with exact_fp32():
+        for i, (x, _) in enumerate(tqdm(loader, desc='latent std', disable=not d.master)):
+            posterior = model.encode(x.to(d.device))
+            noise = image_noise(seed + 1, indices[i * batch_size:(i + 1) * batch_size], posterior.mean.shape[1:])
+            stats.add(posterior.mean + posterior.std * noise.to(d.device))
+    if d.ddp:
+        dist.all_reduce(stats.sums)
+    return stats.result()['std'].float().cpu()
+
+
+def plot_smoothness(results, path):
+    """Metrics against eps as a PNG, if matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("note: matplotlib is not installed, so no plot (the table and JSON hold the numbers)")
+        return
+    eps = sorted(results)
+    metrics = [k for k in ('rfid', 'psnr', 'ssim', 'lpips') if k in results[eps[0]]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
+    for ax, k in zip(np.atleast_1d(axes), metrics):
+        ax.plot(eps, [results[e][k] for e in eps], 'o-')
+        ax.set_xlabel('eps (x latent std)')
+        ax.set_title(METRIC_LABELS[k])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print0(f"plot: {path}")
+
+# -----------------------------------------------------------------------------
+# perceptual compression (Fig. 7)
+
+# CelebAMask-HQ parts, labels 1..18 in this order; later parts overwrite earlier ones (the order the
+# dataset's own label-map script and its users paint them in)
+CELEBA_PARTS = ('skin', 'l_brow', 'r_brow', 'l_eye', 'r_eye', 'eye_g', 'l_ear', 'r_ear', 'ear_r',
+                'nose', 'mouth', 'u_lip', 'l_lip', 'neck', 'neck_l', 'cloth', 'hair', 'hat')
+
+
+class SegmentationMasks:
+    """Label maps for images, from a folder of either
+    - label PNGs named like the images (ADE20K: ADE_val_00000001.png for ADE_val_00000001.jpg), one
+      integer label per pixel (0 = unlabelled); colour-coded PNGs: each colour is a label, black is 0;
+    - CelebAMask-HQ part masks '{index:05d}_{part}.png' (any subfolders) for images '{index}.jpg'."""
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"mask folder '{root}' does not exist")
+        pngs = [os.path.join(dp, f) for dp, _, fs in os.walk(root, followlinks=True) for f in fs if f.lower().endswith('.png')]
+        self.labels, self.parts = {}, {}
+        for path in pngs:
+            m = re.fullmatch(r'(\d+)_(.+)\.png', os.path.basename(path))
+            if m and m.group(2) in CELEBA_PARTS:
+                self.parts.setdefault(int(m.group(1)), {})[m.group(2)] = path
+            else:
+                self.labels[os.path.splitext(os.path.basename(path))[0]] = path
+        if not self.labels and not self.parts:
+            raise ValueError(f"no masks found in '{root}' (label PNGs named like the images, or CelebAMask-HQ part masks)")
+
+    def __call__(self, image_path, size):
+        """(H, W) int64 label map of the image at `size` = (W, H), or None if it has no mask."""
+        stem = os.path.splitext(os.path.basename(image_path))[0]
+        if stem in self.labels:
+            labels = read_label_png(self.labels[stem])
+        elif stem.isdigit() and int(stem) in self.parts:
+            labels = read_celeba_parts(self.parts[int(stem)])
+        else:
+            return None
+        if labels.shape[::-1] != size:  # e.g. CelebAMask-HQ: 512^2 masks for 1024^2 images
+            image, table = as_label_image(labels)
+            labels = table[np.asarray(image.resize(size, Image.NEAREST))]
+        return labels
+
+
+def read_celeba_parts(parts):
+    """{part name: binary mask PNG} -> label map, parts painted in CELEBA_PARTS order."""
+    labels = None
+    for label, part in enumerate(CELEBA_PARTS, 1):
+        if part in parts:
+            on = np.asarray(Image.open(parts[part]).convert('L')) > 127
+            labels = np.zeros(on.shape, np.int64) if labels is None else labels
+            labels[on] = label
+    return labels
+
+
+def read_label_png(path):
+    """Integer labels of a label PNG; a colour PNG's colours become labels (black = 0)."""
+    img = Image.open(path)
+    if img.mode in ('RGB', 'RGBA'):
+        rgb = np.asarray(img.convert('RGB')).astype(np.int64)
+        return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    return np.asarray(img).astype(np.int64)  # 'P', 'L', 'I', 'I;16': the pixel values are the labels
+
+
+def as_label_image(labels):
+    """A 'P'-mode image of a label map with the labels renumbered 0..K (0 stays unlabelled), and the table
+    from the new ids back to the labels. PIL resizes 'P' images with NEAREST whatever filter is asked, so
+    data.center_crop_arr crops it exactly like the image, without mixing labels."""
+    values, inverse = np.unique(labels, return_inverse=True)
+    table = values if values[0] == 0 else np.concatenate([[0], values])
+    ids = inverse.reshape(labels.shape) + (values[0] != 0)
+    if len(table) > 256:
+        raise ValueError(f"a mask with {len(table) - 1} segments: at most 255 per image are supported")
+    return Image.frombytes('P', (labels.shape[1], labels.shape[0]), ids.astype(np.uint8).tobytes()), table
+
+
+def patch_labels(labels, p):
+    """(H, W) label map -> (H/p * W/p,) majority label of each p x p patch, row-major (the VMAE's token
+    order); ties go to the smaller label."""
+    h, w = labels.shape[0] // p, labels.shape[1] // p
+    patches = labels[:h * p, :w * p].reshape(h, p, w, p).transpose(0, 2, 1, 3).reshape(h * w, p * p)
+    return scipy.stats.mode(patches, axis=1).mode
+
+
+def segment_statistics(features, labels):
+    """Within-segment variance sigma^2 and semantic disentanglement rho of one image's tokens.
+    features: (n, d) token features; labels: (n,) segment ids, 0 = unlabelled (dropped).
+    The paper does not define these precisely; the choices here are fixed:
+    - normalisation: every feature channel is standardised over the image's labelled tokens, so
+      channels weigh equally and 16-d latents compare with 192-d pixel patches;
+    - sigma^2 = sum of squared deviations from the segment means / sum of squared deviations from the
+      image mean: the fraction of feature variance left inside segments (0: constant per segment);
+    - affinity(i, j) = (1 + cos(f_i, f_j)) / 2 in [0, 1] on the standardised features;
+    - rho = mean affinity over pairs in one segment (i != j) / mean affinity over pairs in different
+      segments (> 1: a token resembles its own segment more than the others).
+    -> (sigma2, rho); rho is nan without two segments or without a segment of two tokens."""
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    l = torch.as_tensor(np.asarray(labels))
+    f, l = f[l > 0], l[l > 0]
+    if len(f) < 2:
+        return math.nan, math.nan
+    f = (f - f.mean(0)) / f.std(0, unbiased=False).clamp_min(1e-12)  # constant channels become 0
+    total = f.pow(2).sum()
+    segments, inverse = torch.unique(l, return_inverse=True)
+    seg_means = torch.zeros(len(segments), f.shape[1], dtype=f.dtype).index_add_(0, inverse, f)
+    seg_means /= torch.bincount(inverse, minlength=len(segments)).unsqueeze(1)
+    sigma2 = ((f - seg_means[inverse]).pow(2).sum() / total).item() if total > 0 else math.nan
+    u = F.normalize(f, dim=1)
+    affinity = (1 + u @ u.T) / 2                                   # (n, n)
+    same = l[:, None] == l[None, :]
+    intra = same & ~torch.eye(len(l), dtype=torch.bool)
+    if not intra.any() or same.all():
+        return sigma2, math.nan
+    return sigma2, (affinity[intra].mean() / affinity[~same].mean()).item()
+
+
+def masked_images(images_root, masks, image_size, num_images=0):
+    """(image, label image) pairs, both ADM-centre-cropped to image_size, for the images that have masks."""
+    if not os.path.isdir(images_root):
+        raise FileNotFoundError(f"image folder '{images_root}' does not exist")
+    found = 0
+    for path, _ in scan_image_folder(images_root)[1]:
+        image = open_rgb(path)
+        labels = masks(path, image.size)
+        if labels is None:
+            continue
+        yield center_crop_arr(image, image_size), center_crop_arr(as_label_image(labels)[0], image_size)
+        found += 1
+        if found == num_images:
+            return
+    if not found:
+        raise ValueError(f"none of the images in '{images_root}' has a mask in the mask folder (matched by file name)")
+
+
+@torch.no_grad()
+def evaluate_compression(model, images_root, masks, image_size, device, num_images=0, batch_size=32):
+    """sigma^2 and rho of VMAE latent tokens (posterior mean) and of raw pixel patches on the same
+    p x p grid, averaged over the images that have masks. -> {'latent': {...}, 'pixel': {...}, 'n_images'}"""
+    stats = {'latent': [], 'pixel': []}
+    pairs = masked_images(images_root, masks, image_size, num_images)
+    with exact_fp32():
+        while batch := list(itertools.islice(pairs, batch_size)):
+            x = torch.from_numpy(np.stack([np.asarray(img) for img, _ in batch])).permute(0, 3, 1, 2).float()  # (B, 3, H, W) 0..255
+            latents = model.encode((x / 127.5 - 1).to(device)).mean.flatten(2).transpose(1, 2).cpu()      # (B, h*w, C)
+            pixels = patchify(x / 255, model.patch_size)                                                  # (B, h*w, p*p*3)
+            for j, (_, label_img) in enumerate(batch):
+                tokens = patch_labels(np.asarray(label_img).astype(np.int64), model.patch_size)
+                stats['latent'].append(segment_statistics(latents[j], tokens))
+                stats['pixel'].append(segment_statistics(pixels[j], tokens))
+    summary = lambda values: {'sigma2': float(np.nanmean([v[0] for v in values])), 'rho': float(np.nanmean([v[1] for v in values])),
+                              'n_rho': int(np.sum(~np.isnan([v[1] for v in values])))}
+    return {'latent': summary(stats['latent']), 'pixel': summary(stats['pixel']), 'n_images': len(stats['latent'])}
