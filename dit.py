@@ -386,19 +386,33 @@ def timestep_grid(steps, shift=0.0):
     return t
 
 
+SOLVERS = ('euler', 'heun')
+
+
 @torch.no_grad()
-def euler_sample(model, z, y, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_start=0.1, cfg_channels=None,
-                 null_label=None, progress=False):
+def flow_sample(model, z, y, steps=250, solver='euler', shift=0.3, cfg_scale=1.0, cfg_interval_start=0.1,
+                cfg_channels=None, null_label=None, progress=False):
     """
-    Integrates dx/dt = v(x, t) from the noise z at t=0 to data at t=1 with Euler steps on
-    timestep_grid(steps, shift): steps - 1 evaluations, each at the left end of its step, never at t=1.
+    Integrates dx/dt = v(x, t) from the noise z at t=0 to data at t=1 on timestep_grid(steps, shift).
+    solver='euler' (the paper's): each step takes the slope at its left end, never evaluating at t=1;
+    steps - 1 evaluations, first-order accurate. solver='heun' (Heun's method, the explicit trapezoid
+    rule): each step also evaluates at its right end, at the Euler prediction, and moves by the mean of
+    the two slopes; 2 (steps - 1) evaluations, second-order accurate, so far fewer steps reach Euler-250's
+    error. Every evaluation is guided or not by its own t (see guided_velocity), so a step that straddles
+    cfg_interval_start takes an unguided slope at its left end and a guided one at its right end.
     model: a DiT (in eval mode) or any callable model(x, t, y) -> velocity, with t a (N,) tensor.
-    z: (N, ...) noise, y: (N,) labels. Guidance as in guided_velocity; the null label defaults to the
-    model's own (a plain callable must pass null_label to be guided). The defaults are the authors'
-    sampler; they guide ImageNet with cfg_scale=10, cfg_channels=3.
+    z: (N, ...) noise, y: (N,) labels. The null label defaults to the model's own (a plain callable must
+    pass null_label to be guided). The defaults are the authors' sampler; they guide ImageNet with
+    cfg_scale=10, cfg_channels=3.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver '{solver}': choose one of {SOLVERS}")
     if null_label is None:
         null_label = getattr(model, 'null_label', None)
+
+    def velocity(x, t):
+        return guided_velocity(model, x, t.expand(x.shape[0]), y, cfg_scale, null_label, cfg_interval_start, cfg_channels)
+
     t_grid = timestep_grid(steps, shift).to(z.device)
     step_pairs = zip(t_grid[:-1], t_grid[1:])
     if progress:
@@ -406,10 +420,20 @@ def euler_sample(model, z, y, steps=250, shift=0.3, cfg_scale=1.0, cfg_interval_
         step_pairs = tqdm(step_pairs, total=steps - 1)
     x = z
     for t_cur, t_next in step_pairs:
-        t = t_cur.expand(x.shape[0])  # (N,)
-        v = guided_velocity(model, x, t, y, cfg_scale, null_label, cfg_interval_start, cfg_channels)
-        x = x + (t_next - t_cur) * v
+        v = velocity(x, t_cur)
+        x_euler = x + (t_next - t_cur) * v
+        x = x_euler if solver == 'euler' else x + (t_next - t_cur) * (v + velocity(x_euler, t_next)) / 2
     return x
+
+
+def euler_sample(model, z, y, steps=250, **kwargs):
+    """The paper's sampler: flow_sample with Euler steps (the name DiT-style code calls)."""
+    return flow_sample(model, z, y, steps, 'euler', **kwargs)
+
+
+def model_evaluations(steps, solver='euler'):
+    """Velocity evaluations per sample (a guided one runs the model on a batch of 2)."""
+    return (steps - 1) * (1 if solver == 'euler' else 2)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dit import (DiT, DiT_models, LabelEmbedder, RotaryEmbedding2D, TimestepEmbedder, dit_checkpoint, euler_sample,
-                 flow_loss, guided_velocity, infer_model_args, load_dit, timestep_grid)
+                 flow_loss, flow_sample, guided_velocity, infer_model_args, load_dit, timestep_grid)
 
 
 def tiny_dit(**kwargs):
@@ -245,25 +245,29 @@ def test_timestep_grid():
     torch.testing.assert_close(timestep_grid(11, 0.0), torch.linspace(0, 1, 11))
 
 
-@pytest.mark.parametrize('mean, std', [([0.7], [0.3]), ([1.0, -2.0, 0.5], [0.5, 2.0, 1.0])])
-def test_euler_sampler_reaches_a_gaussian(mean, std):
-    # For data N(m, s^2) (per dim) on the path x_t = t x1 + (1 - t) x0 the exact velocity is
-    # E[x1 - x0 | x_t = x] = m + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) * (x - t m).
+GAUSSIANS = [([0.7], [0.3]), ([1.0, -2.0, 0.5], [0.5, 2.0, 1.0])]
+
+
+def sampled_gaussian(mean, std, steps, solver='euler'):
+    """For data N(m, s^2) (per dim) on the path x_t = t x1 + (1 - t) x0 the exact velocity is
+    E[x1 - x0 | x_t = x] = m + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) * (x - t m).
+    The field is affine in x, so both solvers map z -> A z + B: pushing z = 0 and z = 1 through the
+    sampler gives the mean B and std |A| of the samples exactly, with no Monte Carlo error."""
     m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
 
     def velocity(x, t, y):
         t = t[:, None]
         return m + (t * s**2 - (1 - t)) / (t**2 * s**2 + (1 - t)**2) * (x - t * m)
 
-    # The field is affine in x, so the Euler map is z -> A z + B: pushing z = 0 and z = 1 through the
-    # sampler gives the mean B and std |A| of the samples exactly, with no Monte Carlo error.
-    def sampled_mean_and_std(steps):
-        z = torch.stack([torch.zeros(len(mean)), torch.ones(len(mean))]).double()
-        out = euler_sample(velocity, z, torch.zeros(2, dtype=torch.long), steps=steps, shift=0.3)
-        return out[0], out[1] - out[0]
+    z = torch.stack([torch.zeros(len(mean)), torch.ones(len(mean))]).double()
+    out = flow_sample(velocity, z, torch.zeros(2, dtype=torch.long), steps=steps, solver=solver, shift=0.3)
+    return out[0], out[1] - out[0], m, s
 
-    mean_250, std_250 = sampled_mean_and_std(250)
-    _, std_1000 = sampled_mean_and_std(1000)
+
+@pytest.mark.parametrize('mean, std', GAUSSIANS)
+def test_euler_sampler_reaches_a_gaussian(mean, std):
+    mean_250, std_250, m, s = sampled_gaussian(mean, std, 250)
+    _, std_1000, _, _ = sampled_gaussian(mean, std, 1000)
     # Euler follows the mean path t * m exactly (v = m on it), so only rounding is left in the mean.
     torch.testing.assert_close(mean_250, m, atol=1e-5, rtol=0)
     # Euler is first order: the std is off by about c / steps (c <= 3 here, 0.011 at most with 250
@@ -271,6 +275,36 @@ def test_euler_sampler_reaches_a_gaussian(mean, std):
     torch.testing.assert_close(std_250, s, atol=0.015, rtol=0)
     ratio = (std_250 - s).abs() / (std_1000 - s).abs()
     assert ((ratio > 3.5) & (ratio < 4.5)).all()
+    assert torch.equal(euler_sample(lambda x, t, y: x * 0 + 1, torch.zeros(1, 2), torch.zeros(1), steps=5),
+                       flow_sample(lambda x, t, y: x * 0 + 1, torch.zeros(1, 2), torch.zeros(1), steps=5, solver='euler'))
+
+
+@pytest.mark.parametrize('mean, std', GAUSSIANS)
+def test_heun_sampler_is_second_order(mean, std):
+    mean_25, std_25, m, s = sampled_gaussian(mean, std, 25, 'heun')
+    _, std_100, _, _ = sampled_gaussian(mean, std, 100, 'heun')
+    _, std_400, _, _ = sampled_gaussian(mean, std, 400, 'heun')
+    _, euler_std_250, _, _ = sampled_gaussian(mean, std, 250)
+    torch.testing.assert_close(mean_25, m, atol=1e-5, rtol=0)
+    # second order: quadrupling the steps divides the error by about 16 (Euler's by 4); the narrow
+    # Gaussian (s = 0.3) bends the field near t = 1, so its ratio nears 16 only from above 100 steps
+    ratio = (std_100 - s).abs() / (std_400 - s).abs()
+    assert ((ratio > 12) & (ratio < 22)).all(), ratio
+    # and 25 Heun steps (48 evaluations) already beat 250 Euler steps (249 evaluations) here
+    assert ((std_25 - s).abs() < (euler_std_250 - s).abs()).all()
+
+
+def test_heun_guides_each_evaluation_by_its_own_time():
+    """A step that straddles cfg_interval_start takes an unguided slope at its left end and a guided one
+    (a batch of 2N) at its right end, the Euler prediction."""
+    model = LabelVelocity()
+    flow_sample(model, torch.zeros(2, 4, 1, 1), torch.tensor([2, 5]), steps=11, solver='heun', shift=0.0,
+                cfg_scale=10.0, cfg_interval_start=0.25, null_label=9)
+    times = [0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4]  # left and right ends of the first four steps
+    assert [size for size, _ in model.calls][:8] == [2 if t < 0.25 else 4 for t in times]
+    assert len(model.calls) == 2 * 10
+    with pytest.raises(ValueError, match='unknown solver'):
+        flow_sample(model, torch.zeros(2, 4, 1, 1), torch.tensor([2, 5]), steps=3, solver='rk4')
 
 
 def test_flow_loss_is_zero_for_the_exact_velocity():
