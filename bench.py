@@ -220,10 +220,10 @@ class Config:
 
 
 def check(cfg):
-    if set(cfg.only) - set(BENCHES):
-        raise SystemExit(f"--only: unknown {sorted(set(cfg.only) - set(BENCHES))}; choose from {', '.join(BENCHES)}")
-    if cfg.infer_dtype not in ('bf16', 'tf32'):
-        raise SystemExit(f"--infer_dtype: '{cfg.infer_dtype}' is neither bf16 nor tf32")
+    """Settings that would run but make no sense, refused before any work; 0 keeps the device's default."""
+    batch_sizes = {f'batch_size_{name}': 1 for name in BENCHES}
+    common.check_settings(cfg, choices={'only': BENCHES, 'infer_dtype': ('bf16', 'tf32')}, at_least={**batch_sizes, 'sample_steps': 2},
+                          zero_ok=(*batch_sizes, 'sample_steps'))
 
 
 def sizes(cfg, cuda):
@@ -345,4 +345,5 @@ def print_notes(s):
           f"% of mm: achieved FLOP/s / dense matmul FLOP/s in the row's dtype (bf16 autocast rows: bf16; tf32 and fp32: fp32 matmuls).")
 
 if __name__ == '__main__':
-    main()
+    with common.clear_errors():
+        main()

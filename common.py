@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import operator
 import os
 import re
 import sys
@@ -151,6 +152,44 @@ def positional():
 def aliases(default, *names):
     """A config field with extra flag names, e.g. sample.py's `classes` is also `--class`."""
     return dataclasses.field(default=default, metadata={'aliases': names})
+
+
+LIMITS = {'at_least': (operator.ge, 'at least'), 'above': (operator.gt, 'greater than'), 'at_most': (operator.le, 'at most'),
+          'below': (operator.lt, 'less than'), 'multiple_of': (lambda v, k: v % k == 0, 'a multiple of')}
+
+
+def check_settings(cfg, choices=None, zero_ok=(), **limits):
+    """Refuse settings that would run but make no sense (decoded noise, an empty batch, a crash later),
+    before any work, with a ValueError naming the flag: `--steps must be at least 2, got 0`.
+    limits: at_least, above, at_most, below, multiple_of = {field: number}; a tuple field must hold at
+    least one value, and each must pass. choices: {field: allowed values} (each value of a tuple).
+    zero_ok: fields whose 0 means 'the default' (skipped when 0). The config's --device, if it has one,
+    must be a device PyTorch knows and, for cuda, one that is there."""
+    for kind, bounds in limits.items():
+        holds, words = LIMITS[kind]
+        for name, bound in bounds.items():
+            value = getattr(cfg, name)
+            if name in zero_ok and value == 0:
+                continue
+            if value == ():
+                raise ValueError(f"--{name} needs at least one value")
+            for v in value if isinstance(value, tuple) else (value,):
+                if not holds(v, bound):
+                    default = ' (or 0 for the default)' if name in zero_ok else ''
+                    hint = f": try {round(v / bound) * bound or bound}" if kind == 'multiple_of' else ''
+                    raise ValueError(f"--{name} must be {words} {bound}{default}, got {v}{hint}")
+    for name, allowed in (choices or {}).items():
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(map(str, allowed))}, got '{v}'")
+    device = getattr(cfg, 'device', 'auto')
+    try:
+        cuda = device != 'auto' and torch.device(device).type == 'cuda'
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: PyTorch sees no CUDA GPU here: use --device cpu (or auto)")
 
 # -----------------------------------------------------------------------------
 # devices, DDP and precision

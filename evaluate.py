@@ -508,6 +508,19 @@ COMMANDS = {
 }
 
 
+def check_config(cfg):
+    """Settings that would run but make no sense, refused before any work; 0 keeps its meaning (the VMAE's
+    size, all images). A VMAE command's image size must give whole 8 x 8 patches."""
+    if isinstance(cfg, FidConfig):
+        return common.check_settings(cfg, at_least={'batch_size': 1, 'image_size': 1}, zero_ok=('image_size',))
+    common.check_settings(cfg, at_least={'batch_size': 1, 'num_images': 0, 'image_size': 8}, multiple_of={'image_size': 8},
+                          zero_ok=('image_size',))
+    if isinstance(cfg, ReconConfig):  # recon, smoothness
+        common.check_settings(cfg, at_least={'num_workers': 0})
+    if isinstance(cfg, SmoothnessConfig):
+        common.check_settings(cfg, at_least={'eps': 0, 'seed': 0})
+
+
 def parse_command(argv):
     """-> (command name, its config). Each command's flags come from its config dataclass."""
     parser = argparse.ArgumentParser(prog='evaluate.py', description=__doc__.split('\n\n')[0],
@@ -530,6 +543,7 @@ def main(argv=None):
         missing = [f'--{flag}' for flag in command.required if not getattr(cfg, flag)]
         if missing:
             raise ValueError(f"evaluate.py {name} needs {' and '.join(missing)} (see evaluate.py {name} -h)")
+        check_config(cfg)
         d = common.setup_distributed(cfg.device)
         try:
             command.run(cfg, d)

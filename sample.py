@@ -57,15 +57,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Numbers that would run but make no sense (decoded noise, an empty grid) are refused up front."""
-    for name, low in (('steps', 2), ('n', 1), ('batch_size', 1), ('num_fid_samples', 0), ('cfg_channels', 0)):
-        if getattr(args, name) < low:
-            raise ValueError(f"--{name} must be at least {low}, got {getattr(args, name)}")
-    if args.solver not in dit.SOLVERS:
-        raise ValueError(f"--solver must be one of {', '.join(dit.SOLVERS)}, got '{args.solver}'")
-    if args.weights not in ('ema', 'model'):
-        raise ValueError(f"--weights must be ema or model, got '{args.weights}'")
-    if not 0 <= args.cfg_interval_start <= 1 or args.shift < 0:
-        raise ValueError(f"--cfg_interval_start must lie in [0, 1] and --shift be >= 0 (got {args.cfg_interval_start}, {args.shift})")
+    common.check_settings(args, at_least={'steps': 2, 'n': 1, 'batch_size': 1, 'num_fid_samples': 0, 'cfg_channels': 0,
+                                          'cfg_interval_start': 0, 'shift': 0, 'seed': 0},
+                          at_most={'cfg_interval_start': 1}, choices={'solver': dit.SOLVERS, 'weights': ('ema', 'model')})
 
 
 def main(args):

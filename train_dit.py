@@ -72,12 +72,25 @@ class Config:
     resume: bool = False
 
 
+def check_config(cfg):
+    """Settings that would run but make no sense, refused before any work. The image size must give the VMAE
+    (8 x 8 patches) whole latents."""
+    if cfg.model not in dit.DiT_models:
+        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(dit.DiT_models)}")
+    common.check_settings(
+        cfg, choices={'dtype': ('bf16', 'fp16', 'fp32'), 'latent_dtype': ('float32', 'float16')},
+        at_least={'image_size': 8, 'extract_batch_size': 1, 'class_dropout_prob': 0, 'batch_size': 1, 'micro_batch_size': 1,
+                  'beta1': 0, 'beta2': 0, 'weight_decay': 0, 'grad_clip': 0, 'ema_decay': 0, 'max_steps': 1, 'num_workers': 0,
+                  'seed': 0, 'log_every': 1, 'ckpt_every': 1, 'keep_every': 0, 'sample_every': 1, 'sample_steps': 2},
+        multiple_of={'image_size': 8}, above={'lr': 0}, below={'class_dropout_prob': 1, 'beta1': 1, 'beta2': 1},
+        at_most={'ema_decay': 1})
+
+
 def main(cfg):
+    check_config(cfg)
     dist = common.setup_distributed(cfg.device)
     common.enable_tf32()
     device, say = dist.device, common.print0
-    if cfg.model not in dit.DiT_models:
-        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(dit.DiT_models)}")
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
     latent_dir = cfg.latents or os.path.join(cfg.out_dir, 'latents')

@@ -77,15 +77,26 @@ class Config:
     resume: bool = False           # continue from out_dir/last.pt
 
 
+def check_config(cfg):
+    """Settings that would run but make no sense, refused before any work. Every VMAE preset has 8 x 8 patches."""
+    if cfg.model not in vmae.VMAE_models:
+        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(vmae.VMAE_models)}")
+    common.check_settings(
+        cfg, choices={'dtype': ('bf16', 'fp16', 'fp32')},
+        at_least={'image_size': 8, 'mask_ratio': 0, 'mask_weight': 0, 'visible_weight': 0, 'perceptual_weight': 0, 'kl_weight': 0,
+                  'input_noise_std': 0, 'batch_size': 1, 'micro_batch_size': 1, 'min_lr': 0, 'warmup_epochs': 0, 'stop_epoch': 0,
+                  'weight_decay': 0, 'beta1': 0, 'beta2': 0, 'grad_clip': 0, 'num_workers': 0, 'seed': 0, 'log_every': 1,
+                  'ckpt_every': 1, 'keep_every': 0, 'image_every': 1},
+        multiple_of={'image_size': 8}, above={'kl_target_std': 0, 'blr': 0, 'epochs': 0},
+        below={'mask_ratio': 1, 'beta1': 1, 'beta2': 1})
+
+
 def main(cfg):
+    check_config(cfg)
     dist = common.setup_distributed(cfg.device)
     common.enable_tf32()
     device = dist.device
     say = common.print0
-    if cfg.model not in vmae.VMAE_models:
-        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(vmae.VMAE_models)}")
-    if cfg.dtype not in ('bf16', 'fp16', 'fp32'):
-        raise ValueError(f"dtype must be bf16, fp16 or fp32, got '{cfg.dtype}'")
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
 
