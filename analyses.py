@@ -1,7 +1,7 @@
 """
 The paper's analyses of a VMAE's latent space (Lee et al., ICCV 2025, section 5):
 - smoothness (Fig. 6): how reconstructions degrade as the latents are perturbed by eps x the
-  per-channel latent std x N(0, I): `image_noise` draws the noise, `measure_latent_std` the std,
+  per-channel latent std x N(0, I): `common.seeded_noise` draws the noise, `measure_latent_std` the std,
   evaluate.evaluate_reconstruction the metrics, `plot_smoothness` the figure;
 - perceptual compression (Fig. 7): within-segment variance and semantic disentanglement of latent
   tokens against raw pixel patches, on segmentation masks (ADE20K label PNGs, CelebAMask-HQ parts).
@@ -12,6 +12,7 @@ import math
 import os
 import re
 
+import matplotlib
 import numpy as np
 import scipy.stats
 import torch
@@ -20,22 +21,19 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import exact_fp32, print0, seed_for
-from data import center_crop_arr, open_rgb, scan_image_folder
-from dit import LatentStats
-from metrics import METRIC_LABELS
+matplotlib.use('Agg')  # files, no window: plots are written on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+
+from common import exact_fp32, print0, seeded_noise
+from data import center_crop_arr, open_rgb, scan_image_folder, to_uint8
+from dit import LatentStats, destandardise, flow_sample, timestep_grid
+from metrics import METRIC_LABELS, psnr_per_image
 from vmae import patchify
 
 # -----------------------------------------------------------------------------
 # latent smoothness (Fig. 6)
 
 SMOOTHNESS_EPS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
-
-
-def image_noise(seed, indices, shape):
-    """One N(0, I) draw of `shape` per image, seeded by (seed, image index): the same noise whatever the
-    batch size or the number of ranks."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, int(i)))) for i in indices])
 
 
 @torch.no_grad()
@@ -49,7 +47,7 @@ def measure_latent_std(model, dataset, d, batch_size=32, num_workers=4, seed=0):
     with exact_fp32():
         for i, (x, _) in enumerate(tqdm(loader, desc='latent std', disable=not d.master)):
             posterior = model.encode(x.to(d.device))
-            noise = image_noise(seed + 1, indices[i * batch_size:(i + 1) * batch_size], posterior.mean.shape[1:])
+            noise = seeded_noise(seed + 1, indices[i * batch_size:(i + 1) * batch_size], posterior.mean.shape[1:])
             stats.add(posterior.mean + posterior.std * noise.to(d.device))
     if d.ddp:
         dist.all_reduce(stats.sums)
@@ -57,14 +55,7 @@ def measure_latent_std(model, dataset, d, batch_size=32, num_workers=4, seed=0):
 
 
 def plot_smoothness(results, path):
-    """Metrics against eps as a PNG, if matplotlib is installed (it is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print0("note: matplotlib is not installed, so no plot (the table and JSON hold the numbers)")
-        return
+    """Metrics against eps as a PNG."""
     eps = sorted(results)
     metrics = [k for k in ('rfid', 'psnr', 'ssim', 'lpips') if k in results[eps[0]]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
@@ -74,6 +65,7 @@ def plot_smoothness(results, path):
         ax.set_title(METRIC_LABELS[k])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print0(f"plot: {path}")
 
 # -----------------------------------------------------------------------------
@@ -228,3 +220,126 @@ def evaluate_compression(model, images_root, masks, image_size, device, num_imag
     summary = lambda values: {'sigma2': float(np.nanmean([v[0] for v in values])), 'rho': float(np.nanmean([v[1] for v in values])),
                               'n_rho': int(np.sum(~np.isnan([v[1] for v in values])))}
     return {'latent': summary(stats['latent']), 'pixel': summary(stats['pixel']), 'n_images': len(stats['latent'])}
+
+# -----------------------------------------------------------------------------
+# the built-in data: a downscaling baseline and a shape-aware class check
+
+def thumbnail_reconstruction(images, side):
+    """uint8 images (N, H, W, 3) squeezed to side x side and back with PIL's bicubic (antialiased)
+    resize: side^2 x 3 numbers per image, the baseline an autoencoder of that size must beat."""
+    def round_trip(a):
+        return np.asarray(Image.fromarray(a).resize((side, side), Image.BICUBIC).resize(a.shape[1::-1], Image.BICUBIC))
+    return np.stack([round_trip(a) for a in images])
+
+
+def colourless(x, generator=None):
+    """(B, 3, H, W) -> (B, 1, H, W): a per-image random mix of the RGB channels (weights drawn from a flat
+    Dirichlet) or, without a generator, their mean. Every built-in class has its own hue, so a classifier
+    that sees colour can name a blob of the right colour; with random mixes the class colour carries no
+    information (yellow is bright under one mix and dark under another) and only shape is left."""
+    if generator is None:
+        return x.mean(1, keepdim=True)
+    w = -torch.rand(len(x), 3, 1, 1, generator=generator).log()  # Exp(1) draws, normalised: a flat Dirichlet
+    return (x * (w / w.sum(1, keepdim=True))).sum(1, keepdim=True)
+
+
+class ShapeClassifier(torch.nn.Module):
+    """A small CNN that names the built-in class of a 32-px image from its shape (see colourless)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.Conv2d(32, 64, 3, padding=1),
+                                          torch.nn.Conv2d(64, 64, 3, padding=1)])
+        self.head = torch.nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = colourless(x, self.generator if self.training else None)
+        for conv in self.convs:
+            x = F.max_pool2d(F.relu(conv(x)), 2)  # 32 -> 16 -> 8 -> 4
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def train_shape_classifier(train_set, epochs=3, batch_size=128, seed=0):
+    """ShapeClassifier trained on `train_set` (images in [-1, 1], labels) with Adam, in eval mode after."""
+    torch.manual_seed(seed)
+    model = ShapeClassifier(train_set.num_classes)
+    model.generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in tqdm(range(epochs), desc='shape classifier'):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def recognition_rate(classifier, images, labels, batch_size=500):
+    """Fraction of images (B, 3, H, W) in [-1, 1] that the classifier names as their label."""
+    hits = sum((classifier(images[i:i + batch_size].clamp(-1, 1)).argmax(1) == labels[i:i + batch_size]).sum().item()
+               for i in range(0, len(images), batch_size))
+    return hits / len(images)
+
+# -----------------------------------------------------------------------------
+# sampler accuracy: Euler against Heun at equal cost
+
+SOLVER_GRID = {'euler': (10, 25, 50, 100, 250), 'heun': (5, 10, 25, 50, 100)}
+
+
+def dit_forwards(steps, solver, shift, cfg_interval_start, guided):
+    """DiT forwards per sample: one per velocity evaluation, two where guidance runs (t >= the interval start)."""
+    t = timestep_grid(steps, shift)
+    times = torch.cat([t[:-1], t[1:]]) if solver == 'heun' else t[:-1]  # Heun also evaluates each step's right end
+    return len(times) + (int((times >= cfg_interval_start).sum()) if guided else 0)
+
+
+@torch.no_grad()
+def solver_study(model, autoencoder, stats, labels, noise, grid=SOLVER_GRID, reference_steps=1000, batch_size=250,
+                 classifier=None, **guidance):
+    """Integrate the same noise (N, C, h, w) with each solver and step count of `grid` and with a fine
+    reference (Heun, reference_steps), and compare: RMS error of the final latents (standardised, as the
+    DiT sees them), PSNR of the decoded uint8 images against the reference's, DiT forwards per sample,
+    and, with a classifier, the rate at which the samples show their label. -> list of rows (dicts)."""
+    labels = torch.as_tensor(labels, device=noise.device)
+
+    def run(solver, steps):
+        latents = torch.cat([flow_sample(model, noise[i:i + batch_size], labels[i:i + batch_size], steps, solver, **guidance)
+                             for i in range(0, len(noise), batch_size)])
+        images = torch.cat([autoencoder.decode(destandardise(latents[i:i + batch_size], stats)).float()
+                            for i in range(0, len(latents), batch_size)])
+        return latents, images
+
+    reference, reference_images = run('heun', reference_steps)
+    rows = []
+    for solver, steps in tqdm([(s, n) for s, ns in grid.items() for n in ns], desc='solvers'):
+        latents, images = run(solver, steps)
+        rows.append({'solver': solver, 'steps': steps,
+                     'forwards': dit_forwards(steps, solver, guidance.get('shift', 0.3), guidance.get('cfg_interval_start', 0.1),
+                                              guidance.get('cfg_scale', 1.0) != 1),
+                     'latent_rmse': (latents - reference).pow(2).mean().sqrt().item(),
+                     'psnr': float(psnr_per_image(to_uint8(reference_images).cpu().numpy(), to_uint8(images).cpu().numpy()).mean()),
+                     'recognised': None if classifier is None else recognition_rate(classifier, images.cpu(), labels.cpu())})
+    return rows
+
+
+def heun_match(rows, target=('euler', 250)):
+    """The fewest Heun steps whose latent error is at most that of `target` (Euler-250), or None."""
+    bound = next(r['latent_rmse'] for r in rows if (r['solver'], r['steps']) == target)
+    return next((r for r in sorted(rows, key=lambda r: r['steps']) if r['solver'] == 'heun' and r['latent_rmse'] <= bound), None)
+
+
+def plot_solvers(rows, path):
+    """Latent error and image PSNR against DiT forwards per sample, one line per solver (log-log)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for solver in dict.fromkeys(r['solver'] for r in rows):
+        mine = [r for r in rows if r['solver'] == solver]
+        axes[0].loglog([r['forwards'] for r in mine], [r['latent_rmse'] for r in mine], 'o-', label=solver)
+        axes[1].semilogx([r['forwards'] for r in mine], [r['psnr'] for r in mine], 'o-', label=solver)
+    axes[0].set(xlabel='DiT forwards per sample', ylabel='latent RMS error vs reference')
+    axes[1].set(xlabel='DiT forwards per sample', ylabel='PSNR vs reference (dB)')
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

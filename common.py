@@ -52,7 +52,7 @@ def add_config_arguments(parser, config_cls):
         parser.add_argument('config_files', nargs='*', help='config files of `name = value` lines, applied before the flags')
     for f in dataclasses.fields(config_cls):
         kind, default = field_type(config_cls, f), f.default
-        comment = comments.get(f.name, '')
+        comment = comments.get(f.name, '').replace('%', '%%')  # argparse formats help with %
         help_text = comment if 'default' in comment else f"{comment} (default: {default!r})".strip()
         if f.metadata.get('positional'):
             parser.add_argument(f.name, type=kind, help=comments.get(f.name))
@@ -232,6 +232,12 @@ def cleanup_distributed():
 def seed_for(*numbers):
     """A well-mixed 63-bit seed from integers, e.g. (seed, rank, step)."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def seeded_noise(seed, indices, shape):
+    """One N(0, I) draw of `shape` per item, seeded by (seed, item index): the same noise whatever the
+    batch size or the number of ranks (sampling, the smoothness analysis)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, int(i)))) for i in indices])
 
 
 def autocast(device, dtype):

@@ -4,24 +4,28 @@ The whole LDMAE pipeline on the built-in dataset, on a laptop CPU, in about ten 
 1. train a small VMAE on 32-px images of ten classes of shapes (train_vmae.py configs/vmae_small.py)
 2. encode the images into latents and train a small DiT on them (train_dit.py configs/dit_small.py)
 3. sample a labelled grid of every class (sample.py)
-4. measure the VMAE's reconstructions of held-out images (evaluate.py: PSNR, SSIM)
-5. check that the samples show the class they were asked for, with a small classifier trained on
-   real built-in images (its accuracy on real held-out images is printed beside it)
+4. measure the VMAE's reconstructions of held-out images (evaluate.py: PSNR, SSIM) against the
+   simplest compressor of the same size: a bicubic thumbnail with no more numbers than the latent
+5. check that the samples show the shape of the class they were asked for, with a small classifier
+   trained on real built-in images with their colours scrambled (every class has its own hue, so a
+   classifier that saw colour would pass blobs of the right colour); its accuracy on real held-out
+   images is printed beside it
 
 $ python demo.py                 # everything goes to out/demo; run it again to resume or re-print
 Each stage prints the command that does it on its own.
 """
 
+import math
 import os
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+import analyses
 import common
 import data
 import evaluate
+import metrics
 import sample
 import train_dit
 import train_vmae
@@ -53,20 +57,26 @@ def main():
     model = vmae.load_vmae(vmae_ckpt)
     held_out = data.BuiltinShapes(32, split='val', per_class=200)
     recon = evaluate.evaluate_reconstruction(model, held_out, common.Dist(), batch_size=250, num_workers=0)[0.0]
+    real_images, real_labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in held_out]))
+    originals = data.to_uint8(real_images).numpy()
+    side = math.isqrt(model.latent_dim * model.grid ** 2 // 3)  # the largest thumbnail with no more numbers than the latent
+    thumbnails = analyses.thumbnail_reconstruction(originals, side)
+    thumb_psnr, thumb_ssim = metrics.psnr_per_image(originals, thumbnails).mean(), metrics.ssim_per_image(originals, thumbnails).mean()
 
-    print("\n== 5/5 are the samples of their class? ==")
-    classifier = train_classifier()
-    real_images, real_labels = zip(*[held_out[i] for i in range(len(held_out))])
-    real_accuracy = accuracy(classifier, torch.stack(real_images), torch.tensor(real_labels))
-    sample_accuracy = accuracy(classifier, samples, labels)
+    print("\n== 5/5 do the samples show the shape of their class? ==")
+    classifier = analyses.train_shape_classifier(data.BuiltinShapes(32, split='train', flip=True))
+    real_rate = analyses.recognition_rate(classifier, real_images, real_labels)
+    sample_rate = analyses.recognition_rate(classifier, samples, labels)
 
     minutes, seconds = divmod(int(time.time() - t0), 60)
+    latent_numbers = model.latent_dim * model.grid ** 2
     print(f"""
 == LDMAE demo: results ({minutes}m{seconds:02d}s) ==
-VMAE reconstructions of {len(held_out)} held-out images: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f}
+VMAE reconstructions of {len(held_out)} held-out images: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f} ({latent_numbers} latent numbers)
+    a bicubic {side}x{side} thumbnail ({3 * side * side} numbers) of the same images: PSNR {thumb_psnr:.2f} dB, SSIM {thumb_ssim:.3f}
     originals vs reconstructions: {latest(os.path.dirname(vmae_ckpt), 'recon_')}
-DiT samples recognised as their class: {100 * sample_accuracy:.1f}% of {len(labels)} ({SAMPLE_STEPS} Euler steps, cfg {CFG_SCALE})
-    (the same classifier on real held-out images: {100 * real_accuracy:.1f}%)
+DiT samples whose shape a colour-blind classifier names as their class: {100 * sample_rate:.1f}% of {len(labels)}
+    ({SAMPLE_STEPS} Euler steps, cfg {CFG_SCALE}); the same classifier on real held-out images: {100 * real_rate:.1f}%
     a grid of every class: {grid}
 checkpoints: {vmae_ckpt}, {dit_ckpt}""")
 
@@ -89,40 +99,6 @@ def generate_for_recognition(flags):
     images = torch.cat([sample.generate(model, vae, stats, labels[i:i + 250].tolist(), range(i, i + 250), args, 'cpu')
                         for i in range(0, len(labels), 250)])
     return images.clamp(-1, 1), labels
-
-
-class Classifier(nn.Module):
-    """A small CNN for 32-px images of the ten built-in classes."""
-
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.ModuleList([nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)])
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        for conv in self.convs:
-            x = F.max_pool2d(F.relu(conv(x)), 2)  # 32 -> 16 -> 8 -> 4
-        return self.head(x.mean(dim=(2, 3)))
-
-
-def train_classifier(epochs=2, batch_size=128):
-    """Trained on the built-in training images (mirrored half the time, as the DiT's latents are)."""
-    train = data.BuiltinShapes(32, split='train', flip=True)
-    loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=0)
-    model = Classifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(classifier, images, labels):
-    return (classifier(images).argmax(1) == labels).float().mean().item()
 
 
 def latest(folder, prefix):

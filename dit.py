@@ -29,8 +29,8 @@ from fileio import read_checkpoint, strip_wrapper_prefixes
 
 
 def modulate(x, shift, scale):
-    # x: (N, T, D); shift, scale: (N, D), broadcast over the tokens
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    # x * (1 + scale) + shift in one kernel; x: (N, T, D); shift, scale: (N, 1, D), broadcast over the tokens
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 #################################################################################
@@ -153,10 +153,12 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer('freqs_sin', angles.sin())
 
     def forward(self, x):
-        # x: (N, H, T, d); each pair (x_2k, x_2k+1) -> (x_2k cos - x_2k+1 sin, x_2k+1 cos + x_2k sin)
-        pairs = x.unflatten(-1, (-1, 2))                                                   # (N, H, T, d/2, 2)
-        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)         # (N, H, T, d)
-        return x * self.freqs_cos + rotated * self.freqs_sin
+        # x: (N, H, T, d); each pair (x_2k, x_2k+1) -> (x_2k cos - x_2k+1 sin, x_2k+1 cos + x_2k sin), which is
+        # the complex product (x_2k + i x_2k+1) e^(i angle): one kernel forward and one backward. In fp32 (or the
+        # tables' dtype), as the real form's products with the fp32 tables are under autocast.
+        rotation = torch.complex(self.freqs_cos[:, ::2], self.freqs_sin[:, ::2])         # (T, d/2): e^(i angle)
+        pairs = torch.view_as_complex(x.to(self.freqs_cos.dtype).unflatten(-1, (-1, 2)))  # (N, H, T, d/2)
+        return torch.view_as_real(pairs * rotation).flatten(-2)                            # (N, H, T, d)
 
 
 class Attention(nn.Module):
@@ -212,9 +214,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, rope=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # each (N, 1, D), broadcast over the tokens; addcmul(x, gate, branch) = x + gate * branch in one kernel
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
+        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -227,7 +230,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)   # (N, 1, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -431,9 +434,14 @@ def euler_sample(model, z, y, steps=250, **kwargs):
     return flow_sample(model, z, y, steps, 'euler', **kwargs)
 
 
-def model_evaluations(steps, solver='euler'):
-    """Velocity evaluations per sample (a guided one runs the model on a batch of 2)."""
-    return (steps - 1) * (1 if solver == 'euler' else 2)
+def guidance_scale(model, cfg_scale=None):
+    """The guidance scale to sample `model` with: by default 4 for a class-conditional model and 1 (none)
+    for an unconditional one, which has no null class and so cannot be guided."""
+    if cfg_scale is None:
+        return 1.0 if model.null_label is None else 4.0
+    if cfg_scale != 1 and model.null_label is None:
+        raise ValueError(f"this DiT was trained without a null class, so it cannot be guided: use --cfg_scale 1 (got {cfg_scale})")
+    return cfg_scale
 
 
 @torch.no_grad()

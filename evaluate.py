@@ -36,11 +36,13 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
+import dit
 import fileio
-from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, image_noise, measure_latent_std,
-                      plot_smoothness)
-from common import exact_fp32, print0
-from data import IMG_EXTENSIONS, build_dataset, center_crop_arr, open_rgb, to_uint8
+from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, heun_match, measure_latent_std, plot_smoothness,
+                      plot_solvers, solver_study, train_shape_classifier)
+from autoencoders import load_generator
+from common import exact_fp32, print0, seeded_noise
+from data import BUILTIN_CLASSES, IMG_EXTENSIONS, BuiltinShapes, build_dataset, center_crop_arr, open_rgb, to_uint8
 from dit import read_latent_stats
 from inception import FID_WEIGHTS_SHA256_PREFIX, inception_weights_path, load_inception
 from metrics import (METRIC_LABELS, frechet_distance, inception_score, precision_recall, reconstruction_metrics,
@@ -311,7 +313,7 @@ def evaluate_reconstruction(model, dataset, d, eps_list=(0.0,), latent_std=None,
             x = x.to(d.device)
             original = to_uint8(x)                                    # (B, H, W, 3): the crop, exactly (it came from uint8)
             mean = model.encode(x).mean                               # (B, C, h, w)
-            noise = image_noise(seed, range(index, index + len(x)), mean.shape[1:]).to(d.device)
+            noise = seeded_noise(seed, range(index, index + len(x)), mean.shape[1:]).to(d.device)
             index += len(x)
             if inception is not None:
                 pools['original'].append(inception(original.permute(0, 3, 1, 2))[0].cpu())
@@ -381,6 +383,23 @@ class SmoothnessConfig(ReconConfig):
 @dataclasses.dataclass
 class CompressionConfig(VmaeConfig):
     masks: str = ''                     # label PNGs named like the images (ADE20K) or CelebAMask-HQ part masks; required
+
+
+@dataclasses.dataclass
+class SolversConfig:
+    dit: str = ''                       # train_dit.py checkpoint (or the authors', with --latent_stats); required
+    vmae: str = ''                      # the autoencoder that decodes its latents; '': the one the DiT was trained on
+    latent_stats: str = ''              # for a DiT checkpoint without them (the authors' latents_stats.pt)
+    num_samples: int = 100              # class-balanced samples (label i % classes), noise from (seed, i)
+    reference_steps: int = 1000         # Heun steps of the reference integration
+    cfg_scale: float | None = None      # guidance; default: 4 for class-conditional DiTs, 1 for unconditional ones
+    cfg_interval_start: float = 0.1     # no guidance for t below this
+    cfg_channels: int = 0               # guide only latent channels [0, k); 0 = all
+    shift: float = 0.3                  # the time grid's shift, as sample.py
+    seed: int = 0
+    batch_size: int = 250               # samples per DiT batch
+    device: str = 'auto'                # 'auto', 'cpu' or 'cuda'
+    out: str = ''                       # JSON path; '': <dit>.solvers.json, with a .png beside it
 
 
 def format_value(v):
@@ -489,6 +508,32 @@ def run_compression(cfg, d):
                                                              'image_size': model.img_size}, cfg)
 
 
+def run_solvers(cfg, d):
+    if d.ddp:
+        raise ValueError("solvers runs in one process: start it with python, not torchrun")
+    model, stats, autoencoder = load_generator(cfg.dit, cfg.vmae, cfg.latent_stats, 'ema', d.device)
+    guidance = dict(cfg_scale=dit.guidance_scale(model, cfg.cfg_scale), cfg_interval_start=cfg.cfg_interval_start,
+                    cfg_channels=cfg.cfg_channels or None, shift=cfg.shift)
+    size = model.model_args['input_size']
+    noise = seeded_noise(cfg.seed, range(cfg.num_samples), (model.in_channels, size, size)).to(d.device)
+    labels = [i % model.num_classes for i in range(cfg.num_samples)]
+    builtin = model.meta.get('classes') == [name for name, _, _ in BUILTIN_CLASSES]  # the shape check knows only these
+    classifier = train_shape_classifier(BuiltinShapes(autoencoder.img_size, flip=True)) if builtin else None
+    rows = solver_study(model, autoencoder, stats, labels, noise, reference_steps=cfg.reference_steps,
+                        batch_size=cfg.batch_size, classifier=classifier, **guidance)
+    print_table(['solver', 'steps', 'DiT forwards', 'latent RMSE', 'PSNR', 'recognised'],
+                [[r['solver'], r['steps'], r['forwards'], f"{r['latent_rmse']:.2e}", f"{r['psnr']:.2f}",
+                  format_value(r['recognised'])] for r in rows])
+    euler = next(r for r in rows if (r['solver'], r['steps']) == ('euler', 250))
+    match = heun_match(rows)
+    print(f"Euler-250 ({euler['forwards']} forwards): " + (f"matched by Heun-{match['steps']} ({match['forwards']} forwards)"
+                                                           if match else "not matched by any Heun run here"))
+    out = cfg.out or cfg.dit + '.solvers.json'
+    write_results(out, {'rows': rows, 'heun_matching_euler_250': match and match['steps'], 'n_samples': cfg.num_samples,
+                        'guidance': {k: v for k, v in guidance.items()}}, cfg)
+    plot_solvers(rows, os.path.splitext(out)[0] + '.png')
+
+
 @dataclasses.dataclass
 class Command:
     config: type
@@ -505,6 +550,8 @@ COMMANDS = {
                           'Latent smoothness (Fig. 6): reconstruction metrics from latents perturbed by eps x channel std x N(0, I).'),
     'compression': Command(CompressionConfig, run_compression, ('vmae', 'data', 'masks'),
                            'Perceptual compression (Fig. 7): within-segment variance and disentanglement of latents vs pixels.'),
+    'solvers': Command(SolversConfig, run_solvers, ('dit',),
+                       'Sampler accuracy: Euler and Heun at several step counts against a fine reference, same noise.'),
 }
 
 
@@ -513,6 +560,9 @@ def check_config(cfg):
     size, all images). A VMAE command's image size must give whole 8 x 8 patches."""
     if isinstance(cfg, FidConfig):
         return common.check_settings(cfg, at_least={'batch_size': 1, 'image_size': 1}, zero_ok=('image_size',))
+    if isinstance(cfg, SolversConfig):
+        return common.check_settings(cfg, at_least={'num_samples': 1, 'reference_steps': 2, 'batch_size': 1, 'seed': 0,
+                                                    'cfg_channels': 0, 'cfg_interval_start': 0, 'shift': 0})
     common.check_settings(cfg, at_least={'batch_size': 1, 'num_images': 0, 'image_size': 8}, multiple_of={'image_size': 8},
                           zero_ok=('image_size',))
     if isinstance(cfg, ReconConfig):  # recon, smoothness

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import autoencoders
 import common
 import data
 import dit
 import fileio
-import vmae
 
 
 @dataclasses.dataclass
@@ -76,33 +76,11 @@ def main(args):
 
 
 def load_models(args, device):
-    """The DiT (EMA or raw weights), its latent statistics, the VMAE that decodes its latents and
-    the class names; every mismatch is a one-line error. Also settles the default guidance scale."""
-    if not os.path.isfile(args.dit):
-        raise FileNotFoundError(f"DiT checkpoint {args.dit} not found: pass --dit (train_dit.py writes <out_dir>/last.pt; "
-                                f"the demo's is out/demo/dit/last.pt)")
-    model = dit.load_dit(args.dit, device, args.weights)
-    config = model.meta.get('config', {})
-    if args.cfg_scale is None:  # the default: guide class-conditional models; an unconditional one cannot be
-        args.cfg_scale = 1.0 if model.null_label is None else 4.0
-    elif args.cfg_scale != 1 and model.null_label is None:
-        raise ValueError(f"this DiT was trained without a null class, so it cannot be guided: use --cfg_scale 1 (got {args.cfg_scale})")
-    stats = dit.read_latent_stats(args.latent_stats) if args.latent_stats else model.latent_stats
-    if stats is None:
-        raise ValueError(f"{args.dit} carries no latent statistics (the authors' checkpoints do not): pass --latent_stats "
-                         f"(their latents_stats.pt, or a train_dit.py latents/meta.json)")
-    vmae_path = args.vmae or config.get('vmae', '')
-    if not vmae_path:
-        raise ValueError(f"no VMAE to decode with: pass --vmae (the checkpoint {args.dit} was trained on)")
-    if args.vmae and config.get('vmae_sha256') not in (None, fileio.file_sha256(args.vmae)):
-        common.print0(f"note: decoding with {args.vmae}, not the VMAE this DiT was trained on ({config.get('vmae')}): "
-                      f"right for a decoder fine-tuned with the encoder frozen, wrong otherwise")
-    C, H, W = model.in_channels, model.model_args['input_size'], model.model_args['input_size']
-    vae = vmae.load_vmae(vmae_path, device, img_size=config.get('image_size'))
-    if (vae.latent_dim, vae.grid, vae.grid) != (C, H, W):
-        raise ValueError(f"the VMAE {vmae_path} makes latents of shape ({vae.latent_dim}, {vae.grid}, {vae.grid}) but the "
-                         f"DiT {args.dit} models ({C}, {H}, {W}): pass the VMAE the DiT was trained on")
-    return model, {k: torch.as_tensor(v, dtype=torch.float32).flatten().to(device) for k, v in stats.items()}, vae, model.meta.get('classes')
+    """The DiT (EMA or raw weights), its latent statistics, the autoencoder that decodes its latents and
+    the class names (autoencoders.load_generator). Also settles the default guidance scale."""
+    model, stats, autoencoder = autoencoders.load_generator(args.dit, args.vmae, args.latent_stats, args.weights, device)
+    args.cfg_scale = dit.guidance_scale(model, args.cfg_scale)
+    return model, stats, autoencoder, model.meta.get('classes')
 
 
 def check_classes(model, classes):
@@ -124,7 +102,7 @@ def generate(model, vae, stats, labels, indices, args, device, progress=False):
     """Images (B, 3, H, W) in [-1, 1] for these labels; sample i's noise comes from (seed, i) alone,
     so the result does not depend on the batch size or the number of GPUs."""
     C, S = model.in_channels, model.model_args['input_size']
-    z = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(common.seed_for(args.seed, i))) for i in indices])
+    z = common.seeded_noise(args.seed, indices, (C, S, S))
     y = torch.as_tensor(labels, device=device)
     latents = dit.flow_sample(model, z.to(device), y, steps=args.steps, solver=args.solver, shift=args.shift,
                               cfg_scale=args.cfg_scale, cfg_interval_start=args.cfg_interval_start,

@@ -59,6 +59,8 @@ class Config:
     warmup_epochs: float = 10.0
     epochs: float = 400.0          # length of the cosine schedule
     stop_epoch: float = 0.0        # stop early at this epoch (0: run the whole schedule)
+    max_steps: int = 0             # > 0: the schedule in optimizer steps instead, whatever the data's size (small recipes)
+    warmup_steps: int = 0          # with max_steps: the linear warm-up, in steps
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -86,7 +88,7 @@ def check_config(cfg):
         at_least={'image_size': 8, 'mask_ratio': 0, 'mask_weight': 0, 'visible_weight': 0, 'perceptual_weight': 0, 'kl_weight': 0,
                   'input_noise_std': 0, 'batch_size': 1, 'micro_batch_size': 1, 'min_lr': 0, 'warmup_epochs': 0, 'stop_epoch': 0,
                   'weight_decay': 0, 'beta1': 0, 'beta2': 0, 'grad_clip': 0, 'num_workers': 0, 'seed': 0, 'log_every': 1,
-                  'ckpt_every': 1, 'keep_every': 0, 'image_every': 1},
+                  'ckpt_every': 1, 'keep_every': 0, 'image_every': 1, 'max_steps': 0, 'warmup_steps': 0},
         multiple_of={'image_size': 8}, above={'kl_target_std': 0, 'blr': 0, 'epochs': 0},
         below={'mask_ratio': 1, 'beta1': 1, 'beta2': 1})
 
@@ -108,9 +110,11 @@ def main(cfg):
     # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=True)
     loader, sampler, steps_per_epoch = data.training_loader(dataset, cfg.micro_batch_size, accum, dist, cfg.seed, cfg.num_workers)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    if cfg.max_steps:  # a fixed number of steps: a folder of 1,000 photos trains as long as the 10,000 built-in images
+        total_steps, warmup_steps = cfg.max_steps, cfg.warmup_steps
+    else:  # the paper's recipes count epochs of ImageNet
+        total_steps, warmup_steps = max(1, round(cfg.epochs * steps_per_epoch)), round(cfg.warmup_epochs * steps_per_epoch)
     stop_step = min(total_steps, round(cfg.stop_epoch * steps_per_epoch)) if cfg.stop_epoch else total_steps
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     lr = cfg.blr * cfg.batch_size / 256
     weights = vmae.LossWeights(cfg.mask_weight, cfg.visible_weight, cfg.perceptual_weight, cfg.kl_weight,
                                cfg.kl_target_std, cfg.kl_standard)
@@ -128,7 +132,7 @@ def main(cfg):
     optimizer = make_optimizer(model, lr, cfg)
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
         f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
-        f"{cfg.batch_size} per step | lr {lr:.3g} | {steps_per_epoch} steps/epoch | {stop_step} steps | {device} {cfg.dtype}")
+        f"{cfg.batch_size} per step | lr {lr:.3g} | {stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {cfg.dtype}")
     ctx, scaler = common.mixed_precision(device, cfg.dtype)
     step = 0
     if resume_from is not None:

@@ -569,7 +569,7 @@ def test_smoothness(tmp_path, vmae_file, monkeypatch):
     measured = analyses.measure_latent_std(model, dataset, d, batch_size=2, num_workers=0, seed=4)
     with torch.no_grad():
         post = model.encode(torch.stack([dataset[i][0] for i in range(5)]))
-    z = post.mean + post.std * analyses.image_noise(5, range(5), post.mean.shape[1:])  # the same draws (seed + 1)
+    z = post.mean + post.std * common.seeded_noise(5, range(5), post.mean.shape[1:])  # the same draws (seed + 1)
     torch.testing.assert_close(measured, z.transpose(0, 1).flatten(1).std(1), rtol=1e-5, atol=1e-6)
 
 

@@ -1,6 +1,7 @@
 """sample.py end to end on a tiny trained DiT: grids, ADM .npz, determinism, resume, errors.
 Run: python -m pytest tests/test_sample.py"""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from PIL import Image
 import common
 import data
 import dit
+import evaluate
 import fileio
 import sample
 import train_dit
@@ -134,3 +136,14 @@ def test_unconditional_dit_samples_without_guidance_by_default(trained, tmp_path
     assert (tmp_path / 'u.png').exists()
     result = cli('--dit', ckpt, '--cfg-scale', '4', '--steps', '2', '--out', str(tmp_path / 'x.png'))
     assert result.returncode == 2 and 'cannot be guided: use --cfg_scale 1' in result.stderr
+
+
+def test_solver_study_cli(trained, tmp_path):
+    out = tmp_path / 'solvers.json'
+    evaluate.main(['solvers', '--dit', str(trained / 'dit' / 'last.pt'), '--num_samples', '3', '--reference_steps', '30',
+                   '--out', str(out)])
+    result = json.loads(out.read_text())
+    assert [(r['solver'], r['steps']) for r in result['rows']] == [('euler', n) for n in (10, 25, 50, 100, 250)] + \
+        [('heun', n) for n in (5, 10, 25, 50, 100)]
+    assert all(r['recognised'] is None for r in result['rows'])  # not the built-in classes: no shape check
+    assert (tmp_path / 'solvers.png').stat().st_size > 0

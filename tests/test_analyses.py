@@ -1,0 +1,79 @@
+"""
+Tests for the analyses that judge the demo and the samplers: the thumbnail baseline, the colour-blind
+shape check and the solver study. CPU only, small. Run with: python -m pytest tests/test_analyses.py -q
+"""
+
+import numpy as np
+import torch
+
+import analyses
+import metrics
+from dit import timestep_grid
+
+
+def test_thumbnail_is_the_bicubic_round_trip():
+    rng = np.random.default_rng(0)
+    smooth = np.full((2, 32, 32, 3), 90, np.uint8)
+    assert np.array_equal(analyses.thumbnail_reconstruction(smooth, 4), smooth)  # flat images survive any size
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    small, large = analyses.thumbnail_reconstruction(images, 8), analyses.thumbnail_reconstruction(images, 16)
+    assert small.shape == images.shape and small.dtype == np.uint8
+    assert metrics.psnr_per_image(images, large).mean() > metrics.psnr_per_image(images, small).mean()
+
+
+def test_colourless_hides_the_hue():
+    red, blue = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    red[:, 0], blue[:, 2] = 1.0, 1.0
+    torch.testing.assert_close(analyses.colourless(red), analyses.colourless(blue))  # the mean: one grey for every hue
+    gen = torch.Generator().manual_seed(0)
+    mixes = analyses.colourless(torch.cat([red] * 200), gen)[:, 0, 0, 0]
+    assert mixes.min() < 0.05 and mixes.max() > 0.8  # red is dark under some mixes and bright under others
+    assert abs(mixes.mean().item() - 1 / 3) < 0.05   # the weights sum to 1: a flat Dirichlet, mean 1/3 each
+
+
+def test_recognition_rate_counts_hits():
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].round().long().clamp(0, 9), 10).float()
+    images = torch.zeros(6, 3, 4, 4)
+    images[:, 0, 0, 0] = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])  # the oracle sees labels 0 and 1 only
+    assert analyses.recognition_rate(Oracle(), images, torch.tensor([0, 1, 0, 0, 1, 1])) == 4 / 6
+
+
+def test_dit_forwards_count_guided_evaluations_twice():
+    assert analyses.dit_forwards(250, 'euler', 0.3, 0.1, guided=True) == 68 + 2 * 181
+    assert analyses.dit_forwards(250, 'euler', 0.3, 0.1, guided=False) == 249
+    t = timestep_grid(11, 0.0)
+    guided_times = int((t[:-1] >= 0.25).sum() + (t[1:] >= 0.25).sum())
+    assert analyses.dit_forwards(11, 'heun', 0.0, 0.25, guided=True) == 20 + guided_times
+
+
+class Gaussian:
+    """The exact velocity of data N(m, s^2) per latent value (see test_dit), as a model."""
+    null_label = None
+
+    def __init__(self, m=0.3, s=0.4):
+        self.m, self.s = m, s
+
+    def __call__(self, x, t, y):
+        t = t.view(-1, 1, 1, 1)
+        return self.m + (t * self.s ** 2 - (1 - t)) / (t ** 2 * self.s ** 2 + (1 - t) ** 2) * (x - t * self.m)
+
+
+class Identity:
+    """An 'autoencoder' whose latents are the image (3 channels)."""
+    def decode(self, z):
+        return z
+
+
+def test_solver_study_on_a_closed_form_flow():
+    noise = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    stats = {'mean': torch.zeros(3, dtype=torch.float64), 'std': torch.ones(3, dtype=torch.float64)}
+    grid = {'euler': (25, 250), 'heun': (5, 25)}
+    rows = analyses.solver_study(Gaussian(), Identity(), stats, [0] * 8, noise, grid=grid, reference_steps=400, shift=0.3)
+    error = {(r['solver'], r['steps']): r['latent_rmse'] for r in rows}
+    assert error['euler', 250] < error['euler', 25] and error['heun', 25] < error['heun', 5]
+    assert error['heun', 25] < error['euler', 250]  # 48 forwards beat 249
+    assert [r['forwards'] for r in rows] == [24, 249, 8, 48]
+    assert analyses.heun_match(rows)['steps'] == 25
+    assert all(r['recognised'] is None and r['psnr'] > 20 for r in rows)
