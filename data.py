@@ -216,6 +216,8 @@ class BuiltinShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, seed_for(0, 0, item))
+        if not 0 <= index < len(self):  # any index would draw an image: without this, `for x, y in dataset` never ends
+            raise IndexError(f"index {index} out of range for {len(self)} images")
         label = index % self.num_classes
         img = draw_shape(label, np.random.default_rng([self.seed, self.splits[self.split], index]), self.image_size)
         if self.flip and random.Random(seed).random() < 0.5:

@@ -109,6 +109,13 @@ def test_builtin_dataset_is_deterministic_and_labelled():
     assert any(torch.equal(o, x0.flip(-1)) for o in outs) and any(torch.equal(o, x0) for o in outs)
 
 
+def test_builtin_dataset_ends():
+    ds = data.BuiltinShapes(8, per_class=2)
+    assert len(list(ds)) == 20  # iteration stops: an index past the end raises IndexError
+    with pytest.raises(IndexError):
+        ds[20]
+
+
 def test_builtin_classes_differ_in_colour():
     """Class means over a few images are far apart: the classes are learnable."""
     ds = data.BuiltinShapes(32)
