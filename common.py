@@ -225,7 +225,10 @@ def setup_distributed(device='auto'):
 
 
 def cleanup_distributed():
+    """Every rank waits for the others (rank 0 may still be writing) before the group is torn down:
+    a rank that destroys its gloo group while a peer is busy can abort at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
