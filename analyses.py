@@ -24,10 +24,11 @@ from tqdm import tqdm
 matplotlib.use('Agg')  # files, no window: plots are written on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
+from autoencoders import generate
 from common import exact_fp32, print0, seeded_noise
 from data import center_crop_arr, open_rgb, scan_image_folder, to_uint8
 from dit import LatentStats, destandardise, flow_sample, timestep_grid
-from metrics import METRIC_LABELS, psnr_per_image
+from metrics import METRIC_LABELS, psnr_per_image, ssim_per_image
 from vmae import patchify
 
 # -----------------------------------------------------------------------------
@@ -232,6 +233,19 @@ def thumbnail_reconstruction(images, side):
     return np.stack([round_trip(a) for a in images])
 
 
+def thumbnail_baseline(dataset, latent_numbers, batch_size=250):
+    """The simplest compressor of an autoencoder's size, on the images of `dataset`: the largest bicubic
+    thumbnail with no more numbers than the latent. -> (side, {'psnr', 'ssim'} means over the images)"""
+    side = math.isqrt(latent_numbers // 3)
+    scores = {'psnr': [], 'ssim': []}
+    for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        originals = to_uint8(x).numpy()
+        thumbnails = thumbnail_reconstruction(originals, side)
+        scores['psnr'].append(psnr_per_image(originals, thumbnails))
+        scores['ssim'].append(ssim_per_image(originals, thumbnails))
+    return side, {k: float(np.concatenate(v).mean()) for k, v in scores.items()}
+
+
 def colourless(x, generator=None):
     """(B, 3, H, W) -> (B, 1, H, W): a per-image random mix of the RGB channels (weights drawn from a flat
     Dirichlet) or, without a generator, their mean. Every built-in class has its own hue, so a classifier
@@ -243,35 +257,41 @@ def colourless(x, generator=None):
     return (x * (w / w.sum(1, keepdim=True))).sum(1, keepdim=True)
 
 
-class ShapeClassifier(torch.nn.Module):
-    """A small CNN that names the built-in class of a 32-px image from its shape (see colourless)."""
+class SmallClassifier(torch.nn.Module):
+    """A small CNN that names the class of an image, the judge of whether samples show their class.
+    colour_blind: it sees a random mix of the RGB channels in training and their mean at test (see
+    colourless), so on the built-in set, where every class has its own hue, only shape is left."""
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes, colour_blind=False):
         super().__init__()
-        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.Conv2d(32, 64, 3, padding=1),
-                                          torch.nn.Conv2d(64, 64, 3, padding=1)])
+        self.colour_blind = colour_blind
+        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(1 if colour_blind else 3, 32, 3, padding=1),
+                                          torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.Conv2d(64, 64, 3, padding=1)])
         self.head = torch.nn.Linear(64, num_classes)
+        self.generator = None
 
     def forward(self, x):
-        x = colourless(x, self.generator if self.training else None)
+        if self.colour_blind:
+            x = colourless(x, self.generator if self.training else None)
         for conv in self.convs:
             x = F.max_pool2d(F.relu(conv(x)), 2)  # 32 -> 16 -> 8 -> 4
         return self.head(x.mean(dim=(2, 3)))
 
 
-def train_shape_classifier(train_set, epochs=3, batch_size=128, seed=0):
-    """ShapeClassifier trained on `train_set` (images in [-1, 1], labels) with Adam, in eval mode after."""
+def train_classifier(train_set, colour_blind=False, steps=600, batch_size=128, seed=0):
+    """SmallClassifier trained on `train_set` (images in [-1, 1], labels) for `steps` Adam steps whatever
+    the set's size (8 epochs of the 10,000 built-in images); in eval mode after."""
     torch.manual_seed(seed)
-    model = ShapeClassifier(train_set.num_classes)
+    model = SmallClassifier(train_set.num_classes, colour_blind)
     model.generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=0)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=min(batch_size, len(train_set)), shuffle=True, num_workers=0, drop_last=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in tqdm(range(epochs), desc='shape classifier'):
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    batches = (batch for _ in itertools.count() for batch in loader)
+    for x, y in tqdm(itertools.islice(batches, steps), total=steps, desc='classifier'):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return model.eval()
 
 
@@ -281,6 +301,25 @@ def recognition_rate(classifier, images, labels, batch_size=500):
     hits = sum((classifier(images[i:i + batch_size].clamp(-1, 1)).argmax(1) == labels[i:i + batch_size]).sum().item()
                for i in range(0, len(images), batch_size))
     return hits / len(images)
+
+def class_rates(classifier, images, labels, num_classes):
+    """Per class, the fraction of its images the classifier names as it (nan for a class with none)."""
+    with torch.no_grad():
+        hits = torch.cat([classifier(images[i:i + 500].clamp(-1, 1)).argmax(1) for i in range(0, len(images), 500)]) == labels
+    return [hits[labels == c].float().mean().item() if (labels == c).any() else float('nan') for c in range(num_classes)]
+
+
+def recognition_study(model, autoencoder, stats, train_set, held_out, colour_blind, num_samples=500, seed=1, batch_size=250, **sampler):
+    """Do a DiT's samples show their class? A SmallClassifier learns the classes from real images
+    (train_set); its rate on real images it never saw (held_out) is the bar for its rate on num_samples
+    class-balanced samples (label i % classes, noise from (seed, i)). -> {'real', 'samples'} per-class rates"""
+    classifier = train_classifier(train_set, colour_blind)
+    real_images, real_labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in held_out]))
+    labels = torch.arange(num_samples) % model.num_classes
+    samples = torch.cat([generate(model, autoencoder, stats, labels[i:i + batch_size], range(i, min(num_samples, i + batch_size)), seed,
+                                  **sampler).float().cpu() for i in tqdm(range(0, num_samples, batch_size), desc='samples')])
+    return {'real': class_rates(classifier, real_images, real_labels, model.num_classes),
+            'samples': class_rates(classifier, samples, labels, model.num_classes)}
 
 # -----------------------------------------------------------------------------
 # sampler accuracy: Euler against Heun at equal cost

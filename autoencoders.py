@@ -1,7 +1,8 @@
 """
 Any autoencoder wherever a VMAE is used: one loader that recognises what a checkpoint holds (a VMAE or a
 convolutional KL autoencoder, ours or the authors', or a diffusers VAE folder such as SD3's), and the
-loading of a DiT together with its latent statistics and the autoencoder that decodes its latents.
+loading of a DiT together with its latent statistics and the autoencoder that decodes its latents, and the
+generation of images with them.
 
 Both model files read their own formats (vmae.read_vmae, convae.read_convae); this file only decides
 which one to ask, so train_dit.py, sample.py, evaluate.py and bench.py never care which they have.
@@ -13,7 +14,7 @@ import torch
 
 import dit
 import fileio
-from common import print0
+from common import print0, seeded_noise
 from convae import load_convae
 from vmae import load_vmae
 
@@ -67,3 +68,15 @@ def load_generator(dit_path, autoencoder_path='', latent_stats='', weights='ema'
         raise ValueError(f"the autoencoder {path} makes latents of shape ({autoencoder.latent_dim}, {autoencoder.grid}, "
                          f"{autoencoder.grid}) but the DiT {dit_path} models {shape}: pass the one the DiT was trained on")
     return model, {k: torch.as_tensor(v, dtype=torch.float32).flatten().to(device) for k, v in stats.items()}, autoencoder
+
+
+@torch.no_grad()
+def generate(model, autoencoder, stats, labels, indices, seed=0, progress=False, **sampler):
+    """Images (B, 3, H, W) in [-1, 1] for these labels: dit.flow_sample(**sampler: steps, solver, shift,
+    guidance) then the decoder. Sample i's noise comes from (seed, i) alone, so the result depends on
+    neither the batch size nor the number of GPUs."""
+    size = model.model_args['input_size']
+    device = stats['mean'].device
+    z = seeded_noise(seed, indices, (model.in_channels, size, size)).to(device)
+    latents = dit.flow_sample(model, z, torch.as_tensor(labels, device=device), progress=progress, **sampler)
+    return autoencoder.decode(dit.destandardise(latents, stats))

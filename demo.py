@@ -1,7 +1,8 @@
 """
 The whole LDMAE pipeline on the built-in dataset, on a laptop CPU, in about ten minutes:
 
-1. train a small VMAE on 32-px images of ten classes of shapes (train_vmae.py configs/vmae_small.py)
+1. train a small VMAE on 32-px images of ten classes of shapes: masked pre-training, then the decoder
+   alone fine-tuned on whole images, as the paper's stages 1 and 3 (configs/vmae_small*.py)
 2. encode the images into latents and train a small DiT on them (train_dit.py configs/dit_small.py)
 3. sample a labelled grid of every class (sample.py)
 4. measure the VMAE's reconstructions of held-out images (evaluate.py: PSNR, SSIM) against the
@@ -15,24 +16,21 @@ $ python demo.py                 # everything goes to out/demo; run it again to 
 Each stage prints the command that does it on its own.
 """
 
-import math
+import json
 import os
 import time
 
 import torch
 
-import analyses
 import common
-import data
 import evaluate
-import metrics
 import sample
 import train_dit
 import train_vmae
-import vmae
 
 OUT = 'out/demo'
-SAMPLES_PER_CLASS = 50  # for the recognition rate
+NUM_HELD_OUT = 2000     # built-in validation images for the reconstructions
+NUM_SAMPLES = 500       # for the recognition rate, 50 per class
 SAMPLE_STEPS = 50       # Euler steps (the paper: 250; on these tiny latents 50 is plenty)
 CFG_SCALE = 4.0
 
@@ -40,8 +38,11 @@ CFG_SCALE = 4.0
 def main():
     t0 = time.time()
     torch.manual_seed(0)
-    vmae_ckpt, dit_ckpt = os.path.join(OUT, 'vmae', 'last.pt'), os.path.join(OUT, 'dit', 'last.pt')
-    stage("1/5 train the VMAE", train_vmae, ['configs/vmae_small.py', '--out_dir', os.path.dirname(vmae_ckpt)])
+    stage1_ckpt, vmae_ckpt = os.path.join(OUT, 'vmae_stage1', 'last.pt'), os.path.join(OUT, 'vmae', 'last.pt')
+    dit_ckpt = os.path.join(OUT, 'dit', 'last.pt')
+    stage("1/5 train the VMAE: masked pre-training", train_vmae, ['configs/vmae_small.py', '--out_dir', os.path.dirname(stage1_ckpt)])
+    stage("1/5 train the VMAE: decoder fine-tuning", train_vmae,
+          ['configs/vmae_small_stage3.py', '--init_from', stage1_ckpt, '--out_dir', os.path.dirname(vmae_ckpt)])
     stage("2/5 extract latents and train the DiT", train_dit,
           ['configs/dit_small.py', '--vmae', vmae_ckpt, '--out_dir', os.path.dirname(dit_ckpt)])
 
@@ -50,35 +51,39 @@ def main():
     flags = ['--dit', dit_ckpt, '--steps', str(SAMPLE_STEPS), '--cfg_scale', str(CFG_SCALE), '--device', 'cpu']
     print(f"$ python sample.py {' '.join(flags)} --class {' '.join(map(str, range(10)))} --n 8 --out {grid}")
     sample.main(sample.parse_args(flags + ['--class', *map(str, range(10)), '--n', '8', '--out', grid]))
-    samples, labels = generate_for_recognition(flags)
 
-    print("\n== 4/5 reconstructions of held-out images ==")
-    print(f"$ python evaluate.py recon --vmae {vmae_ckpt} --data builtin --no_rfid --no_lpips")
-    model = vmae.load_vmae(vmae_ckpt)
-    held_out = data.BuiltinShapes(32, split='val', per_class=200)
-    recon = evaluate.evaluate_reconstruction(model, held_out, common.Dist(), batch_size=250, num_workers=0)[0.0]
-    real_images, real_labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in held_out]))
-    originals = data.to_uint8(real_images).numpy()
-    side = math.isqrt(model.latent_dim * model.grid ** 2 // 3)  # the largest thumbnail with no more numbers than the latent
-    thumbnails = analyses.thumbnail_reconstruction(originals, side)
-    thumb_psnr, thumb_ssim = metrics.psnr_per_image(originals, thumbnails).mean(), metrics.ssim_per_image(originals, thumbnails).mean()
+    print("\n== 4/5 reconstructions of held-out images, against a thumbnail of the latent's size ==")
+    recon = {}
+    for name, ckpt in (('stage 1', stage1_ckpt), ('stage 3', vmae_ckpt)):
+        flags = ['--vmae', ckpt, '--data', 'builtin', '--num_images', str(NUM_HELD_OUT), '--no_rfid', '--no_lpips', '--num_workers', '0']
+        print(f"$ python evaluate.py recon {' '.join(flags)}")
+        evaluate.main(['recon', *flags])
+        with open(ckpt + '.recon.json') as f:
+            recon[name] = json.load(f)
+    after, before, thumbnail = recon['stage 3'], recon['stage 1'], recon['stage 3']['thumbnail']
+    latent_numbers = 3 * thumbnail['side'] ** 2
 
     print("\n== 5/5 do the samples show the shape of their class? ==")
-    classifier = analyses.train_shape_classifier(data.BuiltinShapes(32, split='train', flip=True))
-    real_rate = analyses.recognition_rate(classifier, real_images, real_labels)
-    sample_rate = analyses.recognition_rate(classifier, samples, labels)
+    flags = ['--dit', dit_ckpt, '--data', 'builtin', '--num_samples', str(NUM_SAMPLES), '--steps', str(SAMPLE_STEPS),
+             '--cfg_scale', str(CFG_SCALE), '--device', 'cpu']
+    print(f"$ python evaluate.py recognition {' '.join(flags)}")
+    evaluate.main(['recognition', *flags])
+    with open(dit_ckpt + '.recognition.json') as f:
+        rates = json.load(f)
 
     minutes, seconds = divmod(int(time.time() - t0), 60)
-    latent_numbers = model.latent_dim * model.grid ** 2
     print(f"""
 == LDMAE demo: results ({minutes}m{seconds:02d}s) ==
-VMAE reconstructions of {len(held_out)} held-out images: PSNR {recon['psnr']:.2f} dB, SSIM {recon['ssim']:.3f} ({latent_numbers} latent numbers)
-    a bicubic {side}x{side} thumbnail ({3 * side * side} numbers) of the same images: PSNR {thumb_psnr:.2f} dB, SSIM {thumb_ssim:.3f}
+VMAE reconstructions of {NUM_HELD_OUT} held-out images: PSNR {after['psnr']:.2f} dB, SSIM {after['ssim']:.3f} ({after['latent_numbers']} latent numbers)
+    a bicubic {thumbnail['side']}x{thumbnail['side']} thumbnail ({latent_numbers} numbers) of the same images: PSNR {thumbnail['psnr']:.2f} dB, SSIM {thumbnail['ssim']:.3f}
+    the VMAE beats it by {after['psnr'] - thumbnail['psnr']:+.2f} dB PSNR and {after['ssim'] - thumbnail['ssim']:+.3f} SSIM; after masked pre-training
+    alone (before the decoder's fine-tuning) it reached PSNR {before['psnr']:.2f} dB, SSIM {before['ssim']:.3f}
     originals vs reconstructions: {latest(os.path.dirname(vmae_ckpt), 'recon_')}
-DiT samples whose shape a colour-blind classifier names as their class: {100 * sample_rate:.1f}% of {len(labels)}
-    ({SAMPLE_STEPS} Euler steps, cfg {CFG_SCALE}); the same classifier on real held-out images: {100 * real_rate:.1f}%
+DiT samples whose shape a colour-blind classifier names as their class: {100 * rates['samples_mean']:.1f}% of {NUM_SAMPLES}
+    ({SAMPLE_STEPS} Euler steps, cfg {CFG_SCALE}); the same classifier on real held-out images: {100 * rates['real_mean']:.1f}%,
+    so the samples are recognised {100 * rates['samples_mean'] / rates['real_mean']:.0f}% as often as real images
     a grid of every class: {grid}
-checkpoints: {vmae_ckpt}, {dit_ckpt}""")
+checkpoints: {stage1_ckpt}, {vmae_ckpt}, {dit_ckpt}""")
 
 
 def stage(title, script, flags):
@@ -89,16 +94,6 @@ def stage(title, script, flags):
         flags = flags + ['--resume']
     print(f"$ python {script.__name__}.py {' '.join(flags)}")
     script.main(common.parse_config(script.Config, flags))
-
-
-def generate_for_recognition(flags):
-    """SAMPLES_PER_CLASS samples of every class, from noise the grid does not use."""
-    args = sample.parse_args(flags + ['--seed', '1'])
-    model, stats, vae, _ = sample.load_models(args, torch.device('cpu'))
-    labels = torch.arange(10).repeat_interleave(SAMPLES_PER_CLASS)
-    images = torch.cat([sample.generate(model, vae, stats, labels[i:i + 250].tolist(), range(i, i + 250), args, 'cpu')
-                        for i in range(0, len(labels), 250)])
-    return images.clamp(-1, 1), labels
 
 
 def latest(folder, prefix):

@@ -94,16 +94,37 @@ class LabelEmbedder(nn.Module):
 #                               Transformer Layers                              #
 #################################################################################
 
+class RMSNormFunction(torch.autograd.Function):
+    """
+    n * weight with n = x / rms(x), rms(x) = sqrt(mean(x^2) + eps), in fp32 so bf16 activations keep their scale.
+    The gradient, written out in 7 passes over x-sized tensors (autograd on the formula makes 11), is
+        grad_x = (g - n * mean(g * n)) / rms(x) with g = grad * weight; grad_weight = sum of grad * n over tokens
+    """
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normed = x32 * inv_rms
+        ctx.save_for_backward(normed, inv_rms, weight)
+        return normed.to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        normed, inv_rms, weight = ctx.saved_tensors
+        g = grad.float() * weight
+        grad_x = torch.addcmul(g, normed, (g * normed).mean(-1, keepdim=True), value=-1).mul_(inv_rms)
+        return grad_x, (grad * normed).sum_to_size(weight.shape), None  # autograd casts grad_x to x's dtype
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim. Computed in fp32 so bf16 activations do not lose the scale."""
+    """x / rms(x) * weight over the last dim (see RMSNormFunction)."""
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def block_norm(dim, use_rmsnorm):
@@ -153,12 +174,12 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer('freqs_sin', angles.sin())
 
     def forward(self, x):
-        # x: (N, H, T, d); each pair (x_2k, x_2k+1) -> (x_2k cos - x_2k+1 sin, x_2k+1 cos + x_2k sin), which is
-        # the complex product (x_2k + i x_2k+1) e^(i angle): one kernel forward and one backward. In fp32 (or the
-        # tables' dtype), as the real form's products with the fp32 tables are under autocast.
-        rotation = torch.complex(self.freqs_cos[:, ::2], self.freqs_sin[:, ::2])         # (T, d/2): e^(i angle)
-        pairs = torch.view_as_complex(x.to(self.freqs_cos.dtype).unflatten(-1, (-1, 2)))  # (N, H, T, d/2)
-        return torch.view_as_real(pairs * rotation).flatten(-2)                            # (N, H, T, d)
+        # x: (N, H, T, d); each pair (x_2k, x_2k+1) -> (x_2k cos - x_2k+1 sin, x_2k+1 cos + x_2k sin): the complex
+        # product (x_2k + i x_2k+1) e^(i angle), one pass forward and one backward, in the tables' precision. Taken
+        # over (N, T, H, d), the attention's layout in memory, so that the backward copies nothing.
+        rotation = torch.complex(self.freqs_cos[:, None, ::2], self.freqs_sin[:, None, ::2])     # (T, 1, d/2)
+        pairs = torch.view_as_complex(x.transpose(-3, -2).to(self.freqs_cos.dtype).unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotation).flatten(-2).transpose(-3, -2)                  # (N, H, T, d)
 
 
 class Attention(nn.Module):
@@ -178,9 +199,9 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                 # each (N, H, T, D / H)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)   # each (N, T, H, D / H)
         q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # each (N, H, T, D / H)
         if rope is not None:
             q, k = rope(q), rope(k)
         x = F.scaled_dot_product_attention(q, k, v)            # (N, H, T, D / H)
@@ -194,7 +215,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous: the conv's output is (N, D, T) in memory, a layout every later op would inherit
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 #################################################################################

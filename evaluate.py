@@ -16,6 +16,8 @@ Usage:
     python evaluate.py recon --vmae vmae.pt --data builtin --no_rfid --no_lpips   # offline, no weights
     python evaluate.py smoothness --vmae vmae.pt --data imagenet/val --latent_stats dit.pt
     python evaluate.py compression --vmae vmae.pt --data ADE/images --masks ADE/annotations
+    python evaluate.py solvers --dit dit.pt                             # Euler vs Heun against a fine reference
+    python evaluate.py recognition --dit dit.pt --data builtin          # do samples show their class?
 `python evaluate.py REF SAMPLES` (without `fid`) also works. Inception weights: --inception PATH,
 else the torch hub cache (downloaded there when online).
 """
@@ -39,7 +41,7 @@ import common
 import dit
 import fileio
 from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, heun_match, measure_latent_std, plot_smoothness,
-                      plot_solvers, solver_study, train_shape_classifier)
+                      plot_solvers, recognition_study, solver_study, thumbnail_baseline, train_classifier)
 from autoencoders import load_generator
 from common import exact_fp32, print0, seeded_noise
 from data import BUILTIN_CLASSES, IMG_EXTENSIONS, BuiltinShapes, build_dataset, center_crop_arr, open_rgb, to_uint8
@@ -402,6 +404,24 @@ class SolversConfig:
     out: str = ''                       # JSON path; '': <dit>.solvers.json, with a .png beside it
 
 
+@dataclasses.dataclass
+class RecognitionConfig:
+    dit: str = ''                       # train_dit.py checkpoint of a class-conditional DiT; required
+    data: str = ''                      # real images of its classes to train the judge on: 'builtin' or a folder of class subfolders; required
+    held_out: str = ''                  # real images of the same classes the judge never sees, its bar; '': builtin's val split
+    vmae: str = ''                      # the autoencoder that decodes its latents; '': the one the DiT was trained on
+    num_samples: int = 500              # class-balanced samples (label i % classes), noise from (seed, i)
+    steps: int = 50                     # sampler steps (the paper: 250)
+    solver: str = 'euler'               # euler or heun
+    cfg_scale: float | None = None      # guidance; default: 4 for class-conditional DiTs
+    cfg_interval_start: float = 0.1     # no guidance for t below this
+    shift: float = 0.3                  # the time grid's shift, as sample.py
+    seed: int = 1                       # noise seed (sample.py's grids use 0)
+    batch_size: int = 250               # samples per DiT batch
+    device: str = 'auto'                # 'auto', 'cpu' or 'cuda'
+    out: str = ''                       # JSON path; '': <dit>.recognition.json
+
+
 def format_value(v):
     return 'n/a' if v is None else f'{v:.4f}'
 
@@ -463,9 +483,14 @@ def run_recon(cfg, d):
     if not d.master:
         return
     metrics = results[0.0]
-    print_table(['metric', 'value'], [[METRIC_LABELS[k], format_value(v)] for k, v in metrics.items()])
-    write_results(cfg.out or cfg.vmae + '.recon.json', {**metrics, 'data': cfg.data, 'n_images': len(dataset),
-                                                       'image_size': model.img_size}, cfg, inception)
+    side, thumbnail = thumbnail_baseline(dataset, model.latent_dim * model.grid ** 2)
+    print_table(['metric', 'VMAE', f'{side}x{side} thumbnail'],
+                [[METRIC_LABELS[k], format_value(v), format_value(thumbnail[k]) if k in thumbnail else ''] for k, v in metrics.items()])
+    print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} "
+          f"vs {model.latent_dim * model.grid ** 2})")
+    write_results(cfg.out or cfg.vmae + '.recon.json', {**metrics, 'data': cfg.data, 'n_images': len(dataset), 'image_size': model.img_size,
+                                                       'latent_numbers': model.latent_dim * model.grid ** 2,
+                                                       'thumbnail': {'side': side, **thumbnail}}, cfg, inception)
 
 
 def latent_std_for(cfg, model, dataset, d):
@@ -518,7 +543,7 @@ def run_solvers(cfg, d):
     noise = seeded_noise(cfg.seed, range(cfg.num_samples), (model.in_channels, size, size)).to(d.device)
     labels = [i % model.num_classes for i in range(cfg.num_samples)]
     builtin = model.meta.get('classes') == [name for name, _, _ in BUILTIN_CLASSES]  # the shape check knows only these
-    classifier = train_shape_classifier(BuiltinShapes(autoencoder.img_size, flip=True)) if builtin else None
+    classifier = train_classifier(BuiltinShapes(autoencoder.img_size, flip=True), colour_blind=True) if builtin else None
     rows = solver_study(model, autoencoder, stats, labels, noise, reference_steps=cfg.reference_steps,
                         batch_size=cfg.batch_size, classifier=classifier, **guidance)
     print_table(['solver', 'steps', 'DiT forwards', 'latent RMSE', 'PSNR', 'recognised'],
@@ -532,6 +557,36 @@ def run_solvers(cfg, d):
     write_results(out, {'rows': rows, 'heun_matching_euler_250': match and match['steps'], 'n_samples': cfg.num_samples,
                         'guidance': {k: v for k, v in guidance.items()}}, cfg)
     plot_solvers(rows, os.path.splitext(out)[0] + '.png')
+
+
+def run_recognition(cfg, d):
+    if d.ddp:
+        raise ValueError("recognition runs in one process: start it with python, not torchrun")
+    if cfg.data != 'builtin' and not cfg.held_out:
+        raise ValueError("evaluate.py recognition on a folder needs --held_out: real images of the same classes that --data does not hold")
+    model, stats, autoencoder = load_generator(cfg.dit, cfg.vmae, '', 'ema', d.device)
+    if model.num_classes < 2:
+        raise ValueError(f"{cfg.dit} is an unconditional DiT: its samples have no class to recognise")
+    size = autoencoder.img_size
+    train_set = build_dataset(cfg.data, size, train=True, flip=True)
+    held_out = BuiltinShapes(size, split='val', per_class=200) if cfg.data == 'builtin' and not cfg.held_out else build_dataset(cfg.held_out, size)
+    for name, images in (('--data', train_set), ('--held_out', held_out)):
+        if images.classes != model.meta.get('classes', images.classes):
+            raise ValueError(f"the classes of {name} ({', '.join(images.classes[:5])}, ...) are not those the DiT was trained on "
+                             f"({', '.join(model.meta['classes'][:5])}, ...)")
+    # every built-in class has its own hue: the judge must go by shape, so it is colour-blind there
+    rates = recognition_study(model, autoencoder, stats, train_set, held_out, colour_blind=cfg.data == 'builtin',
+                              num_samples=cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, steps=cfg.steps,
+                              solver=cfg.solver, shift=cfg.shift, cfg_scale=dit.guidance_scale(model, cfg.cfg_scale),
+                              cfg_interval_start=cfg.cfg_interval_start)
+    real, samples = (sum(rates[k]) / len(rates[k]) for k in ('real', 'samples'))
+    print_table(['class', 'real held-out', 'samples'],
+                [[name, f'{r:.2f}', f'{s:.2f}'] for name, r, s in zip(train_set.classes, rates['real'], rates['samples'])])
+    print(f"recognised as their class: samples {100 * samples:.1f}% of {cfg.num_samples}, real held-out images "
+          f"{100 * real:.1f}% of {len(held_out)} ({100 * samples / real:.0f}% of the real rate; "
+          f"{'colour-blind' if cfg.data == 'builtin' else 'colour'} judge trained on {len(train_set)} images of {cfg.data})")
+    write_results(cfg.out or cfg.dit + '.recognition.json', {**rates, 'real_mean': real, 'samples_mean': samples,
+                                                            'classes': train_set.classes}, cfg)
 
 
 @dataclasses.dataclass
@@ -552,6 +607,8 @@ COMMANDS = {
                            'Perceptual compression (Fig. 7): within-segment variance and disentanglement of latents vs pixels.'),
     'solvers': Command(SolversConfig, run_solvers, ('dit',),
                        'Sampler accuracy: Euler and Heun at several step counts against a fine reference, same noise.'),
+    'recognition': Command(RecognitionConfig, run_recognition, ('dit', 'data'),
+                           'Do samples show their class? A small classifier trained on real images judges samples and held-out real images.'),
 }
 
 
@@ -560,6 +617,9 @@ def check_config(cfg):
     size, all images). A VMAE command's image size must give whole 8 x 8 patches."""
     if isinstance(cfg, FidConfig):
         return common.check_settings(cfg, at_least={'batch_size': 1, 'image_size': 1}, zero_ok=('image_size',))
+    if isinstance(cfg, RecognitionConfig):
+        return common.check_settings(cfg, at_least={'num_samples': 1, 'steps': 2, 'batch_size': 1, 'seed': 0, 'cfg_interval_start': 0,
+                                                    'shift': 0}, choices={'solver': dit.SOLVERS})
     if isinstance(cfg, SolversConfig):
         return common.check_settings(cfg, at_least={'num_samples': 1, 'reference_steps': 2, 'batch_size': 1, 'seed': 0,
                                                     'cfg_channels': 0, 'cfg_interval_start': 0, 'shift': 0})
@@ -595,10 +655,8 @@ def main(argv=None):
             raise ValueError(f"evaluate.py {name} needs {' and '.join(missing)} (see evaluate.py {name} -h)")
         check_config(cfg)
         d = common.setup_distributed(cfg.device)
-        try:
-            command.run(cfg, d)
-        finally:
-            common.cleanup_distributed()
+        command.run(cfg, d)
+        common.cleanup_distributed()  # not on an error: a rank that fails leaves, and torchrun stops the others
 
 
 if __name__ == '__main__':

@@ -71,7 +71,7 @@ def main(args):
     if args.num_fid_samples:
         write_fid_samples(model, vae, stats, args, dist)
     elif dist.master:
-        write_grid(model, vae, stats, classes, args, device)
+        write_grid(model, vae, stats, classes, args)
     common.cleanup_distributed()
 
 
@@ -98,24 +98,18 @@ def check_classes(model, classes):
 
 
 @torch.no_grad()
-def generate(model, vae, stats, labels, indices, args, device, progress=False):
-    """Images (B, 3, H, W) in [-1, 1] for these labels; sample i's noise comes from (seed, i) alone,
-    so the result does not depend on the batch size or the number of GPUs."""
-    C, S = model.in_channels, model.model_args['input_size']
-    z = common.seeded_noise(args.seed, indices, (C, S, S))
-    y = torch.as_tensor(labels, device=device)
-    latents = dit.flow_sample(model, z.to(device), y, steps=args.steps, solver=args.solver, shift=args.shift,
-                              cfg_scale=args.cfg_scale, cfg_interval_start=args.cfg_interval_start,
-                              cfg_channels=args.cfg_channels or None, progress=progress)
-    return vae.decode(dit.destandardise(latents, stats))
+def sampler_settings(args):
+    """The flags that set dit.flow_sample: steps, solver, time shift and guidance."""
+    return dict(steps=args.steps, solver=args.solver, shift=args.shift, cfg_scale=args.cfg_scale,
+                cfg_interval_start=args.cfg_interval_start, cfg_channels=args.cfg_channels or None)
 
 
-def write_grid(model, vae, stats, classes, args, device):
+def write_grid(model, vae, stats, classes, args):
     labels_wanted = check_classes(model, args.classes)
     labels = [c for c in labels_wanted for _ in range(args.n)]
     t0 = time.time()
-    images = torch.cat([generate(model, vae, stats, labels[i:i + args.batch_size], range(i, min(len(labels), i + args.batch_size)), args,
-                                 device, progress=True) for i in range(0, len(labels), args.batch_size)])
+    images = torch.cat([autoencoders.generate(model, vae, stats, labels[i:i + args.batch_size], range(i, min(len(labels), i + args.batch_size)),
+                                              args.seed, progress=True, **sampler_settings(args)) for i in range(0, len(labels), args.batch_size)])
     names = [classes[c] if classes else f'class {c}' for c in labels_wanted] if model.num_classes > 1 else None
     out = args.out or os.path.join('samples', 'grid_' + '_'.join(map(str, labels_wanted)) + '.png')
     data.save_grid(images, out, ncol=args.n, row_labels=names, upscale=max(1, 128 // images.shape[-1]))
@@ -135,7 +129,7 @@ def write_fid_samples(model, vae, stats, args, dist):
     common.print0(f"sampling {n} images into {out} ({len(todo)} of {len(store.done)} batches left on rank 0)")
     for b, rows in tqdm(todo, disable=not dist.master, desc='sampling'):
         labels = [i % model.num_classes for i in rows]
-        images = generate(model, vae, stats, labels, rows, args, dist.device)
+        images = autoencoders.generate(model, vae, stats, labels, rows, args.seed, **sampler_settings(args))
         store.write(b, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))
     if store.finish():
         with fileio.atomic_write(out) as f:  # a file object: np.savez adds no '.npz' to the name

@@ -4,9 +4,11 @@ shape check and the solver study. CPU only, small. Run with: python -m pytest te
 """
 
 import numpy as np
+import pytest
 import torch
 
 import analyses
+import data
 import metrics
 from dit import timestep_grid
 
@@ -19,6 +21,40 @@ def test_thumbnail_is_the_bicubic_round_trip():
     small, large = analyses.thumbnail_reconstruction(images, 8), analyses.thumbnail_reconstruction(images, 16)
     assert small.shape == images.shape and small.dtype == np.uint8
     assert metrics.psnr_per_image(images, large).mean() > metrics.psnr_per_image(images, small).mean()
+
+
+class Images(torch.utils.data.Dataset):
+    """A few (image in [-1, 1], label) pairs with class names, like the project's datasets."""
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+        self.num_classes = int(max(labels)) + 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def test_thumbnail_baseline_scores_the_largest_thumbnail_of_the_latents_size():
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    side, scores = analyses.thumbnail_baseline(Images(images, [0] * 5), latent_numbers=256, batch_size=2)
+    assert side == 9  # 3 x 9 x 9 = 243 <= 256 < 3 x 10 x 10
+    originals = data.to_uint8(images).numpy()
+    thumbnails = analyses.thumbnail_reconstruction(originals, 9)
+    assert scores['psnr'] == pytest.approx(metrics.psnr_per_image(originals, thumbnails).mean())
+    assert scores['ssim'] == pytest.approx(metrics.ssim_per_image(originals, thumbnails).mean())
+
+
+def test_classifier_learns_a_set_smaller_than_its_batch():
+    # class 0 dark, class 1 bright, four images in all: the colour judge tells them apart, the
+    # colour-blind one too (brightness survives any mix of the channels)
+    images = torch.cat([torch.full((2, 3, 16, 16), -0.8), torch.full((2, 3, 16, 16), 0.8)]) + 0.05 * torch.randn(4, 3, 16, 16)
+    labels = [0, 0, 1, 1]
+    for colour_blind in (False, True):
+        judge = analyses.train_classifier(Images(images, labels), colour_blind, steps=60)
+        assert not judge.training
+        assert analyses.class_rates(judge, images, torch.tensor(labels), 2) == [1.0, 1.0]
 
 
 def test_colourless_hides_the_hue():

@@ -10,6 +10,7 @@ import torch
 
 from dit import (DiT, DiT_models, LabelEmbedder, RotaryEmbedding2D, TimestepEmbedder, dit_checkpoint, euler_sample,
                  flow_loss, flow_sample, guided_velocity, infer_model_args, load_dit, timestep_grid)
+from dit import RMSNorm
 
 
 def tiny_dit(**kwargs):
@@ -158,6 +159,52 @@ def test_rope_layout_rows_first_then_columns():
     x = torch.zeros(1, 1, 16, 16)
     x[..., row1_col0, 0] = 1.0  # the pair (x0, x1) = (1, 0) turns by 1 radian
     torch.testing.assert_close(rope(x)[0, 0, row1_col0, :2], torch.tensor([math.cos(1), math.sin(1)]))
+
+
+def assert_same_values_and_gradients(fn, reference, base, param_pairs=()):
+    """fn and reference agree on a copy of base each: the outputs, and for one random incoming gradient the
+    input's gradients and those of each (parameter of fn, parameter of reference) pair."""
+    x, x_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+    out, ref = fn(x), reference(x_ref)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for p, p_ref in param_pairs:
+        torch.testing.assert_close(p.grad, p_ref.grad)
+
+
+@pytest.mark.parametrize('layout', ['contiguous', 'attention'])
+def test_rope_is_the_pairwise_rotation_forward_and_backward(layout):
+    # the complex product equals x * cos + rotate(x) * sin with rotate(x)_(2k, 2k+1) = (-x_2k+1, x_2k), the
+    # authors' form, for a contiguous (N, H, T, d) input and for the attention's (N, T, H, d) memory layout
+    rope = RotaryEmbedding2D(head_dim=16, grid_size=4)
+
+    def pairwise(x):
+        pairs = x.unflatten(-1, (-1, 2))
+        return x * rope.freqs_cos + torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2) * rope.freqs_sin
+    base = torch.randn(2, 3, 16, 16) if layout == 'contiguous' else torch.randn(2, 16, 3, 16).transpose(1, 2)
+    assert_same_values_and_gradients(rope, pairwise, base)
+    assert rope(base.bfloat16()).dtype == torch.float32  # as the real form's products with the fp32 tables
+
+
+@pytest.mark.parametrize('layout', ['tokens', 'heads'])
+def test_rmsnorm_gradient_is_autograd_of_the_formula(layout):
+    # the written-out backward against autograd on x / sqrt(mean(x^2) + eps) * weight, on (N, T, D) tokens
+    # and on per-head slices of a fused projection (QK-norm's non-contiguous input)
+    norm = RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.normal_()
+    weight = norm.weight.detach().clone().requires_grad_()
+    base = torch.randn(2, 5, 8) if layout == 'tokens' else torch.randn(2, 5, 3, 2, 8)[:, :, 0]
+    assert_same_values_and_gradients(norm, lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * weight,
+                                     base, [(norm.weight, weight)])
+    # bf16 activations are normalised in fp32; the gradient comes back in the input's dtype
+    x16 = base.bfloat16().requires_grad_()
+    out16 = norm(x16)
+    out16.sum().backward()
+    assert out16.dtype == torch.float32 and x16.grad.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -546,6 +546,10 @@ def test_recon_cli_builtin(tmp_path, vmae_file, capsys):
     assert results['ssim'] == pytest.approx(metrics.ssim_per_image(recon, original).mean(), rel=1e-9)
     assert results['mse'] == pytest.approx(((recon / 255.0 - original / 255.0) ** 2).mean(), rel=1e-9)
     assert results['n_images'] == 6 and 'rfid' not in results and 'lpips' not in results
+    # beside it, the bicubic thumbnail with no more numbers than the 16 x 4 x 4 latent: 9 x 9 x 3 = 243
+    thumbnails = analyses.thumbnail_reconstruction(original, 9)
+    assert results['latent_numbers'] == 256 and results['thumbnail']['side'] == 9
+    assert results['thumbnail']['psnr'] == pytest.approx(metrics.psnr_per_image(original, thumbnails).mean())
 
 
 def test_smoothness(tmp_path, vmae_file, monkeypatch):

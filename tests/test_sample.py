@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import autoencoders
 import data
-import dit
 import evaluate
 import fileio
 import sample
@@ -61,7 +60,7 @@ def test_fid_npz_is_exact_balanced_and_independent_of_batching(trained, tmp_path
     # sample i's noise depends on (seed, i) only: generating sample 3 alone gives the npz's image 3
     args = sample.parse_args(['--dit', ckpt, '--steps', '3'])
     model, stats, vae, _ = sample.load_models(args, torch.device('cpu'))
-    alone = sample.generate(model, vae, stats, [0], [3], args, torch.device('cpu'))
+    alone = autoencoders.generate(model, vae, stats, [0], [3], args.seed, **sample.sampler_settings(args))
     assert np.array_equal(data.to_uint8(alone)[0].numpy(), a['arr_0'][3])
 
 
@@ -147,3 +146,28 @@ def test_solver_study_cli(trained, tmp_path):
         [('heun', n) for n in (5, 10, 25, 50, 100)]
     assert all(r['recognised'] is None for r in result['rows'])  # not the built-in classes: no shape check
     assert (tmp_path / 'solvers.png').stat().st_size > 0
+
+
+def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tmp_path, capsys):
+    out = tmp_path / 'recognition.json'
+    evaluate.main(['recognition', '--dit', str(trained / 'dit' / 'last.pt'), '--data', str(trained / 'images'),
+                   '--held_out', str(trained / 'images'), '--num_samples', '6', '--steps', '3', '--out', str(out)])
+    result = json.loads(out.read_text())
+    assert result['classes'] == ['class0', 'class1', 'class2'] and len(result['samples']) == 3
+    # the classes differ in brightness (c + 1 times darker), which a colour judge learns: it knows real images
+    assert result['real_mean'] > 0.9
+    assert 0 <= result['samples_mean'] <= 1 and result['samples_mean'] == pytest.approx(sum(result['samples']) / 3)
+    assert 'recognised as their class: samples' in capsys.readouterr().out
+
+
+def test_recognition_cli_refuses_what_it_cannot_judge(trained, tmp_path, capsys):
+    ckpt = str(trained / 'dit' / 'last.pt')
+    other = tmp_path / 'other'
+    for name in ('cats', 'dogs', 'owls'):
+        (other / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(other / name / '0.png')
+    for flags, message in ((['--data', str(trained / 'images')], 'needs --held_out'),
+                           (['--data', str(trained / 'images'), '--held_out', str(other)], 'not those the DiT was trained on')):
+        with pytest.raises(SystemExit):
+            evaluate.main(['recognition', '--dit', ckpt, *flags])
+        assert message in capsys.readouterr().err
