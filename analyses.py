@@ -153,36 +153,54 @@ def patch_labels(labels, p):
     return scipy.stats.mode(patches, axis=1).mode
 
 
-def segment_statistics(features, labels):
-    """Within-segment variance sigma^2 and semantic disentanglement rho of one image's tokens.
-    features: (n, d) token features; labels: (n,) segment ids, 0 = unlabelled (dropped).
-    The paper does not define these precisely; the choices here are fixed:
-    - normalisation: every feature channel is standardised over the image's labelled tokens, so
-      channels weigh equally and 16-d latents compare with 192-d pixel patches;
-    - sigma^2 = sum of squared deviations from the segment means / sum of squared deviations from the
-      image mean: the fraction of feature variance left inside segments (0: constant per segment);
-    - affinity(i, j) = (1 + cos(f_i, f_j)) / 2 in [0, 1] on the standardised features;
-    - rho = mean affinity over pairs in one segment (i != j) / mean affinity over pairs in different
-      segments (> 1: a token resembles its own segment more than the others).
-    -> (sigma2, rho); rho is nan without two segments or without a segment of two tokens."""
+def channel_scale(features, labels):
+    """Per-channel mean and std (population) of the labelled tokens of every image together: the one
+    scale on which sigma^2 and rho are measured, shared by all images of an evaluation set.
+    features: list of (n_i, d) per image; labels: list of (n_i,) segment ids, 0 = unlabelled."""
+    f = torch.cat([torch.as_tensor(np.asarray(x), dtype=torch.float64)[torch.as_tensor(np.asarray(l)) > 0]
+                   for x, l in zip(features, labels)])
+    return f.mean(0), f.std(0, unbiased=False).clamp_min(1e-12)  # a constant channel becomes 0
+
+
+def segment_statistics(features, labels, mean, std):
+    """Within-segment variance sigma^2 and semantic disentanglement rho of one image's tokens, on the
+    evaluation set's scale (channel_scale). features: (n, d); labels: (n,) segment ids, 0 = unlabelled
+    (dropped). Sec. 5.2 of the paper names the two quantities without formulas; the choices made here:
+    - sigma^2: every channel standardised once over the whole set (not per image, so that images and
+      encoders of any width share one scale, on which pure noise has variance 1); then the variance of
+      each channel inside each segment of two or more tokens, averaged over channels and segments.
+      0: features constant inside segments, however they differ across segments or images.
+    - rho: affinity(i, j) = (1 + cos(f_i, f_j)) / 2 in [0, 1] on the standardised features; rho = mean
+      affinity over pairs of tokens in one segment (i != j) / mean affinity over pairs in different
+      segments, as the paper's intra / inter-cluster affinity ratio (> 1: a token is closer to its own
+      segment than to the others; 1: segments are not told apart, as for noise or for tokens all alike).
+    -> (sigma2, rho); sigma2 is nan without a segment of two tokens, rho also without two segments."""
     f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     l = torch.as_tensor(np.asarray(labels))
-    f, l = f[l > 0], l[l > 0]
-    if len(f) < 2:
+    mean, std = (torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in (mean, std))
+    f, l = (f[l > 0] - mean) / std, l[l > 0]
+    segments, inverse, counts = torch.unique(l, return_inverse=True, return_counts=True)
+    seg_means = torch.zeros(len(segments), f.shape[1], dtype=f.dtype).index_add_(0, inverse, f) / counts.unsqueeze(1)
+    seg_var = torch.zeros_like(seg_means).index_add_(0, inverse, (f - seg_means[inverse]).pow(2)) / counts.unsqueeze(1)
+    if not (counts > 1).any():
         return math.nan, math.nan
-    f = (f - f.mean(0)) / f.std(0, unbiased=False).clamp_min(1e-12)  # constant channels become 0
-    total = f.pow(2).sum()
-    segments, inverse = torch.unique(l, return_inverse=True)
-    seg_means = torch.zeros(len(segments), f.shape[1], dtype=f.dtype).index_add_(0, inverse, f)
-    seg_means /= torch.bincount(inverse, minlength=len(segments)).unsqueeze(1)
-    sigma2 = ((f - seg_means[inverse]).pow(2).sum() / total).item() if total > 0 else math.nan
+    sigma2 = seg_var[counts > 1].mean().item()
     u = F.normalize(f, dim=1)
     affinity = (1 + u @ u.T) / 2                                   # (n, n)
     same = l[:, None] == l[None, :]
     intra = same & ~torch.eye(len(l), dtype=torch.bool)
-    if not intra.any() or same.all():
+    if same.all():
         return sigma2, math.nan
     return sigma2, (affinity[intra].mean() / affinity[~same].mean()).item()
+
+
+def compression_statistics(features, labels):
+    """sigma^2 and rho (segment_statistics) of each image, on the set's shared scale, averaged over the
+    images. features, labels: lists per image. -> {'sigma2', 'rho', 'n_rho' (images with a rho)}"""
+    mean, std = channel_scale(features, labels)
+    values = np.array([segment_statistics(f, l, mean, std) for f, l in zip(features, labels)]).reshape(-1, 2)
+    return {'sigma2': float(np.nanmean(values[:, 0])), 'rho': float(np.nanmean(values[:, 1])),
+            'n_rho': int(np.sum(~np.isnan(values[:, 1])))}
 
 
 def masked_images(images_root, masks, image_size, num_images=0):
@@ -205,22 +223,19 @@ def masked_images(images_root, masks, image_size, num_images=0):
 
 @torch.no_grad()
 def evaluate_compression(model, images_root, masks, image_size, device, num_images=0, batch_size=32):
-    """sigma^2 and rho of VMAE latent tokens (posterior mean) and of raw pixel patches on the same
-    p x p grid, averaged over the images that have masks. -> {'latent': {...}, 'pixel': {...}, 'n_images'}"""
-    stats = {'latent': [], 'pixel': []}
+    """sigma^2 and rho (compression_statistics) of VMAE latent tokens (posterior mean) and of raw pixel
+    patches on the same p x p grid, over the images that have masks. The tokens of every image are kept
+    (float32) until the set's scale is known. -> {'latent': {...}, 'pixel': {...}, 'n_images'}"""
+    tokens = {'latent': [], 'pixel': [], 'labels': []}
     pairs = masked_images(images_root, masks, image_size, num_images)
     with exact_fp32():
         while batch := list(itertools.islice(pairs, batch_size)):
             x = torch.from_numpy(np.stack([np.asarray(img) for img, _ in batch])).permute(0, 3, 1, 2).float()  # (B, 3, H, W) 0..255
-            latents = model.encode((x / 127.5 - 1).to(device)).mean.flatten(2).transpose(1, 2).cpu()      # (B, h*w, C)
-            pixels = patchify(x / 255, model.patch_size)                                                  # (B, h*w, p*p*3)
-            for j, (_, label_img) in enumerate(batch):
-                tokens = patch_labels(np.asarray(label_img).astype(np.int64), model.patch_size)
-                stats['latent'].append(segment_statistics(latents[j], tokens))
-                stats['pixel'].append(segment_statistics(pixels[j], tokens))
-    summary = lambda values: {'sigma2': float(np.nanmean([v[0] for v in values])), 'rho': float(np.nanmean([v[1] for v in values])),
-                              'n_rho': int(np.sum(~np.isnan([v[1] for v in values])))}
-    return {'latent': summary(stats['latent']), 'pixel': summary(stats['pixel']), 'n_images': len(stats['latent'])}
+            tokens['latent'] += model.encode((x / 127.5 - 1).to(device)).mean.flatten(2).transpose(1, 2).cpu()  # (h*w, C) each
+            tokens['pixel'] += patchify(x / 255, model.patch_size)                                             # (h*w, p*p*3) each
+            tokens['labels'] += [patch_labels(np.asarray(label_img).astype(np.int64), model.patch_size) for _, label_img in batch]
+    return {'latent': compression_statistics(tokens['latent'], tokens['labels']),
+            'pixel': compression_statistics(tokens['pixel'], tokens['labels']), 'n_images': len(tokens['labels'])}
 
 # -----------------------------------------------------------------------------
 # the built-in data: a downscaling baseline and a shape-aware class check
@@ -235,7 +250,8 @@ def thumbnail_reconstruction(images, side):
 
 def thumbnail_baseline(dataset, latent_numbers, batch_size=250):
     """The simplest compressor of an autoencoder's size, on the images of `dataset`: the largest bicubic
-    thumbnail with no more numbers than the latent. -> (side, {'psnr', 'ssim'} means over the images)"""
+    thumbnail with no more numbers than the latent. -> (side, {'psnr', 'ssim'} means over the images, and
+    'exact': how many it copies exactly, flat ones, whose PSNR is infinite and so makes the mean's)"""
     side = math.isqrt(latent_numbers // 3)
     scores = {'psnr': [], 'ssim': []}
     for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
@@ -243,7 +259,8 @@ def thumbnail_baseline(dataset, latent_numbers, batch_size=250):
         thumbnails = thumbnail_reconstruction(originals, side)
         scores['psnr'].append(psnr_per_image(originals, thumbnails))
         scores['ssim'].append(ssim_per_image(originals, thumbnails))
-    return side, {k: float(np.concatenate(v).mean()) for k, v in scores.items()}
+    psnr = np.concatenate(scores['psnr'])
+    return side, {'psnr': float(psnr.mean()), 'ssim': float(np.concatenate(scores['ssim']).mean()), 'exact': int(np.isinf(psnr).sum())}
 
 
 def colourless(x, generator=None):

@@ -353,12 +353,7 @@ class DiT(nn.Module):
         return self.unpatchify(x)                    # (N, C, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval_start=0.0, cfg_channels=None):
-        """
-        Forward pass with classifier-free guidance, v_u + s * (v_c - v_u), from one batched forward
-        over [x, x] with labels [y, null]; s = 1 means no guidance. See guided_velocity. The project's
-        sampler calls guided_velocity; this method keeps DiT's and LightningDiT's name for it, so code
-        written against theirs runs on this model.
-        """
+        """Guided velocity (see guided_velocity) under the name DiT's and LightningDiT's code calls."""
         return guided_velocity(self, x, t, y, cfg_scale, self.null_label, cfg_interval_start, cfg_channels)
 
 
@@ -534,22 +529,15 @@ def read_latent_stats(path):
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
     """
-    (grid_size ** 2, embed_dim) table for a row-major grid (MAE convention): the first half of the
-    dims encodes the column index, the second half the row index.
+    (grid_size ** 2, embed_dim) table for a row-major grid (MAE convention): the first half of the dims
+    encodes the column index, the second half the row index, each as [sin(pos w_k), cos(pos w_k)] with
+    w_k = 10000^(-k / (embed_dim / 4)).
     """
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
     pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing='ij')   # (g, g) each
-    return torch.cat([
-        get_1d_sincos_pos_embed(embed_dim // 2, cols.flatten()),
-        get_1d_sincos_pos_embed(embed_dim // 2, rows.flatten()),
-    ], dim=1)
-
-
-def get_1d_sincos_pos_embed(embed_dim, pos):
-    """(M,) positions -> (M, embed_dim) features [sin(pos w_k), cos(pos w_k)], w_k = 10000^(-k / (embed_dim / 2))."""
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2))
-    out = pos[:, None] * omega[None]                      # (M, D/2)
-    return torch.cat([out.sin(), out.cos()], dim=1)
+    rows, cols = torch.meshgrid(pos, pos, indexing='ij')                          # (g, g) each
+    angles = [p.flatten()[:, None] * omega[None] for p in (cols, rows)]           # (g*g, D/4) each
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
 
 
 #################################################################################

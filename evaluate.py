@@ -488,6 +488,8 @@ def run_recon(cfg, d):
                 [[METRIC_LABELS[k], format_value(v), format_value(thumbnail[k]) if k in thumbnail else ''] for k, v in metrics.items()])
     print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} "
           f"vs {model.latent_dim * model.grid ** 2})")
+    if thumbnail['exact']:
+        print(f"(its PSNR is infinite: it copies {thumbnail['exact']} flat images exactly)")
     write_results(cfg.out or cfg.vmae + '.recon.json', {**metrics, 'data': cfg.data, 'n_images': len(dataset), 'image_size': model.img_size,
                                                        'latent_numbers': model.latent_dim * model.grid ** 2,
                                                        'thumbnail': {'side': side, **thumbnail}}, cfg, inception)

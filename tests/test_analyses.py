@@ -44,6 +44,10 @@ def test_thumbnail_baseline_scores_the_largest_thumbnail_of_the_latents_size():
     thumbnails = analyses.thumbnail_reconstruction(originals, 9)
     assert scores['psnr'] == pytest.approx(metrics.psnr_per_image(originals, thumbnails).mean())
     assert scores['ssim'] == pytest.approx(metrics.ssim_per_image(originals, thumbnails).mean())
+    assert scores['exact'] == 0
+    flat = torch.cat([images, torch.zeros(1, 3, 32, 32)])  # a flat image survives the round trip exactly
+    _, scores = analyses.thumbnail_baseline(Images(flat, [0] * 6), latent_numbers=256)
+    assert scores['exact'] == 1 and scores['psnr'] == float('inf')
 
 
 def test_classifier_learns_a_set_smaller_than_its_batch():

@@ -586,17 +586,36 @@ def test_smoothness_cli(tmp_path, vmae_file, capsys):
     assert set(results['eps']) == {'0', '0.1'} and len(results['latent_std']) == 16
 
 
-def test_segment_statistics():
-    rng = np.random.default_rng(0)
-    labels = np.repeat([0, 1, 2, 3], 25)  # label 0 is unlabelled and dropped
-    centres = rng.normal(size=(4, 6)) * 3
-    sigma2, rho = analyses.segment_statistics(centres[labels], labels)
-    assert sigma2 == pytest.approx(0, abs=1e-12) and rho > 1.5
-    sigma2, rho = analyses.segment_statistics(centres[labels] + rng.normal(size=(100, 6)) * 0.3, labels)
-    assert 0 < sigma2 < 0.2 and rho > 1.2
-    sigma2, rho = analyses.segment_statistics(rng.normal(size=(3000, 6)), rng.integers(1, 4, 3000))
-    assert sigma2 == pytest.approx(1, abs=0.01) and rho == pytest.approx(1, abs=0.01)
-    assert math.isnan(analyses.segment_statistics(rng.normal(size=(10, 3)), np.ones(10))[1])  # one segment: no rho
+def segmented_images(num_images=30, tokens=64, seed=0):
+    """Token labels of images with three segments each (a few tokens unlabelled, 0)."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice([0, 1, 2, 3], size=tokens, p=[0.1, 0.3, 0.3, 0.3]) for _ in range(num_images)], rng
+
+
+def test_compression_statistics_on_encoders_of_known_kind():
+    labels, rng = segmented_images()
+    # pure noise: every segment holds the set's whole variance, and segments are not told apart
+    noise = analyses.compression_statistics([rng.normal(size=(64, 8)) for _ in labels], labels)
+    assert noise['sigma2'] == pytest.approx(1, abs=0.1) and noise['rho'] == pytest.approx(1, abs=0.05)
+    # an ideal semantic encoder: one vector per segment, a different one in every segment and image
+    ideal = analyses.compression_statistics([rng.normal(size=(4, 8))[l] for l in labels], labels)
+    assert ideal['sigma2'] == pytest.approx(0, abs=1e-12) and ideal['rho'] > 1.3 and ideal['n_rho'] == len(labels)
+    # an entangled encoder (the paper's SD-VAE pattern): all tokens of an image alike, images different.
+    # Little variance is left inside segments and yet segments are not told apart: low sigma^2 and rho
+    entangled = analyses.compression_statistics([rng.normal(size=8) + 0.01 * rng.normal(size=(64, 8)) for _ in labels], labels)
+    assert entangled['sigma2'] < 1e-3 and entangled['rho'] == pytest.approx(1, abs=0.01)
+    # one scale for the whole set: rescaling or shifting a channel changes nothing
+    features = [rng.normal(size=(4, 8))[l] + 0.3 * rng.normal(size=(64, 8)) for l in labels]
+    moved = [f * np.arange(1, 9) + 5 for f in features]
+    a, b = analyses.compression_statistics(features, labels), analyses.compression_statistics(moved, labels)
+    assert a == pytest.approx(b) and 0 < a['sigma2'] < 0.2 and a['rho'] > 1.1
+
+
+def test_segment_statistics_where_undefined():
+    mean, std = np.zeros(3), np.ones(3)
+    one_segment = analyses.segment_statistics(np.random.default_rng(0).normal(size=(10, 3)), np.ones(10), mean, std)
+    assert one_segment[0] > 0 and math.isnan(one_segment[1])  # no second segment: no rho
+    assert all(math.isnan(v) for v in analyses.segment_statistics(np.ones((3, 3)), np.array([1, 2, 0]), mean, std))
 
 
 def test_masks_and_crop_alignment(tmp_path):
