@@ -331,7 +331,7 @@ def recognition_study(model, autoencoder, stats, train_set, held_out, colour_bli
     (train_set); its rate on real images it never saw (held_out) is the bar for its rate on num_samples
     class-balanced samples (label i % classes, noise from (seed, i)). -> {'real', 'samples'} per-class rates"""
     classifier = train_classifier(train_set, colour_blind)
-    real_images, real_labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in held_out]))
+    real_images, real_labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in map(held_out.__getitem__, range(len(held_out)))]))
     labels = torch.arange(num_samples) % model.num_classes
     samples = torch.cat([generate(model, autoencoder, stats, labels[i:i + batch_size], range(i, min(num_samples, i + batch_size)), seed,
                                   **sampler).float().cpu() for i in tqdm(range(0, num_samples, batch_size), desc='samples')])
@@ -341,7 +341,7 @@ def recognition_study(model, autoencoder, stats, train_set, held_out, colour_bli
 # -----------------------------------------------------------------------------
 # sampler accuracy: Euler against Heun at equal cost
 
-SOLVER_GRID = {'euler': (10, 25, 50, 100, 250), 'heun': (5, 10, 25, 50, 100)}
+SOLVER_GRID = {'euler': (10, 25, 50, 100, 250), 'heun': (5, 10, 25, 50, 60, 75, 100)}
 
 
 def dit_forwards(steps, solver, shift, cfg_interval_start, guided):

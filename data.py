@@ -139,6 +139,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, seed_for(0, 0, item))
+        if not 0 <= index < len(self):  # the skip below wraps around: without this, `for x, y in dataset` never ends
+            raise IndexError(f"index {index} out of range for {len(self)} images")
         rng = random.Random(seed)
         for attempt in range(len(self.samples)):  # a file that passed the header check may still fail to decode
             path, label = self.samples[(index + attempt) % len(self.samples)]

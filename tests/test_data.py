@@ -46,6 +46,9 @@ def test_flat_folder_is_one_class(tmp_path):
         write(tmp_path / f'{i}.jpg', Image.new('RGB', (64, 48), (i * 50, 0, 0)))
     ds = data.ImageFolder(str(tmp_path), 16)
     assert ds.num_classes == 1 and [label for _, label in ds.samples] == [0, 0, 0]
+    assert len(list(ds)) == 3  # iteration stops: an index past the end raises IndexError, not a wrapped-around image
+    with pytest.raises(IndexError):
+        ds[3]
 
 
 def test_missing_and_empty_folders(tmp_path):
