@@ -4,7 +4,9 @@ The paper's analyses of a VMAE's latent space (Lee et al., ICCV 2025, section 5)
   per-channel latent std x N(0, I): `common.seeded_noise` draws the noise, `measure_latent_std` the std,
   evaluate.evaluate_reconstruction the metrics, `plot_smoothness` the figure;
 - perceptual compression (Fig. 7): within-segment variance and semantic disentanglement of latent
-  tokens against raw pixel patches, on segmentation masks (ADE20K label PNGs, CelebAMask-HQ parts).
+  tokens against raw pixel patches, on segmentation masks (ADE20K label PNGs, CelebAMask-HQ parts);
+and the checks of the small recipes: the thumbnail baseline of reconstructions, a small classifier that
+judges whether samples show their class, and the accuracy of the samplers against a fine reference.
 """
 
 import itertools
