@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 from autoencoders import generate
 from common import exact_fp32, print0, seeded_noise
 from data import center_crop_arr, open_rgb, scan_image_folder, to_uint8
-from dit import LatentStats, destandardise, flow_sample, timestep_grid
+from dit import LatentStats, destandardise, flow_sample, heun_knot, timestep_grid
 from metrics import METRIC_LABELS, psnr_per_image, ssim_per_image
 from vmae import patchify
 
@@ -347,10 +347,11 @@ SOLVER_GRID = {'euler': (10, 25, 50, 100, 250), 'heun': (5, 10, 25, 50, 60, 75, 
 
 
 def dit_forwards(steps, solver, shift, cfg_interval_start, guided):
-    """DiT forwards per sample: one per velocity evaluation, two where guidance runs (t >= the interval start)."""
-    t = timestep_grid(steps, shift)
-    times = torch.cat([t[:-1], t[1:]]) if solver == 'heun' else t[:-1]  # Heun also evaluates each step's right end
-    return len(times) + (int((times >= cfg_interval_start).sum()) if guided else 0)
+    """DiT forwards per sample, as dit.flow_sample spends them: per step one evaluation (Euler) or two (Heun,
+    on a grid with a knot at the guidance switch), each counting twice where the step is guided."""
+    t = timestep_grid(steps, shift, heun_knot(solver, 2.0 if guided else 1.0, cfg_interval_start))[:-1]  # the steps' left ends
+    per_step = 1 + (t >= cfg_interval_start).long() if guided else torch.ones_like(t, dtype=torch.long)
+    return int(per_step.sum()) * (2 if solver == 'heun' else 1)
 
 
 @torch.no_grad()

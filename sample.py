@@ -39,7 +39,7 @@ class Config:
     n: int = 8                     # samples per class in the grid
     num_fid_samples: int = 0       # write this many class-balanced samples to an ADM .npz instead of a grid
     batch_size: int = 64           # per GPU
-    steps: int = 250               # time-grid points: steps - 1 model evaluations with Euler, twice that with Heun
+    steps: int = 250               # time-grid points: steps - 1 model evaluations with Euler, about twice that with Heun
     solver: str = 'euler'          # euler (the paper's) or heun (second order: fewer steps for the same error)
     cfg_scale: float | None = None  # v_u + s (v_c - v_u); 1 = no guidance (default: 4 class-conditional, 1 unconditional)
     cfg_channels: int = 0          # guide only latent channels [0, k); 0 = all. The paper used 3 with scale 10

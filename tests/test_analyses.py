@@ -10,7 +10,7 @@ import torch
 import analyses
 import data
 import metrics
-from dit import timestep_grid
+from dit import flow_sample
 
 
 def test_thumbnail_is_the_bicubic_round_trip():
@@ -80,12 +80,15 @@ def test_recognition_rate_counts_hits():
     assert analyses.recognition_rate(Oracle(), images, torch.tensor([0, 1, 0, 0, 1, 1])) == 4 / 6
 
 
-def test_dit_forwards_count_guided_evaluations_twice():
+def test_dit_forwards_are_what_the_sampler_spends():
     assert analyses.dit_forwards(250, 'euler', 0.3, 0.1, guided=True) == 68 + 2 * 181
     assert analyses.dit_forwards(250, 'euler', 0.3, 0.1, guided=False) == 249
-    t = timestep_grid(11, 0.0)
-    guided_times = int((t[:-1] >= 0.25).sum() + (t[1:] >= 0.25).sum())
-    assert analyses.dit_forwards(11, 'heun', 0.0, 0.25, guided=True) == 20 + guided_times
+    for solver, steps, shift, start, scale in (('euler', 11, 0.0, 0.25, 3.0), ('heun', 11, 0.0, 0.25, 3.0), ('heun', 20, 0.3, 0.1, 3.0),
+                                               ('heun', 20, 0.3, 0.1, 1.0)):
+        images = []  # images the model saw, per sample: a guided call sees each twice
+        flow_sample(lambda x, t, y: images.append(len(x)) or torch.zeros_like(x), torch.zeros(3, 2, 1, 1), torch.zeros(3, dtype=torch.long),
+                    steps, solver, shift=shift, cfg_scale=scale, cfg_interval_start=start, null_label=1)
+        assert analyses.dit_forwards(steps, solver, shift, start, guided=scale != 1) == sum(images) // 3
 
 
 class Gaussian:

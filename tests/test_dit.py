@@ -341,15 +341,19 @@ def test_heun_sampler_is_second_order(mean, std):
     assert ((std_25 - s).abs() < (euler_std_250 - s).abs()).all()
 
 
-def test_heun_guides_each_evaluation_by_its_own_time():
-    """A step that straddles cfg_interval_start takes an unguided slope at its left end and a guided one
-    (a batch of 2N) at its right end, the Euler prediction."""
+def test_heun_steps_never_straddle_the_guidance_switch():
+    """A guided Heun grid gets a knot at cfg_interval_start; both evaluations of a step are guided as its
+    left end is: unguided (a batch of N) up to the switch, guided (a batch of 2N) from it on."""
     model = LabelVelocity()
     flow_sample(model, torch.zeros(2, 4, 1, 1), torch.tensor([2, 5]), steps=11, solver='heun', shift=0.0,
                 cfg_scale=10.0, cfg_interval_start=0.25, null_label=9)
-    times = [0.0, 0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4]  # left and right ends of the first four steps
-    assert [size for size, _ in model.calls][:8] == [2 if t < 0.25 else 4 for t in times]
-    assert len(model.calls) == 2 * 10
+    # steps [0, .1], [.1, .2], [.2, .25] unguided, then [.25, .3], ... guided: 11 steps, 22 evaluations
+    assert [size for size, _ in model.calls] == [2] * 6 + [4] * 16
+    model = LabelVelocity()  # no guidance: no knot, the plain grid's 10 steps
+    flow_sample(model, torch.zeros(2, 4, 1, 1), torch.tensor([2, 5]), steps=11, solver='heun', shift=0.0, cfg_interval_start=0.25)
+    assert [size for size, _ in model.calls] == [2] * 20
+    assert torch.equal(timestep_grid(11, 0.0, knot=0.25)[2:5], torch.tensor([0.2, 0.25, 0.3]))
+    assert torch.equal(timestep_grid(11, 0.0, knot=0.5), timestep_grid(11, 0.0))  # a knot on the grid adds nothing
     with pytest.raises(ValueError, match='unknown solver'):
         flow_sample(model, torch.zeros(2, 4, 1, 1), torch.tensor([2, 5]), steps=3, solver='rk4')
 
