@@ -2,7 +2,7 @@
 The paper's analyses of a VMAE's latent space (Lee et al., ICCV 2025, section 5):
 - smoothness (Fig. 6): how reconstructions degrade as the latents are perturbed by eps x the
   per-channel latent std x N(0, I): `common.seeded_noise` draws the noise, `measure_latent_std` the std,
-  evaluate.evaluate_reconstruction the metrics, `plot_smoothness` the figure;
+  `evaluate_reconstruction` the metrics, `plot_smoothness` the figure;
 - perceptual compression (Fig. 7): within-segment variance and semantic disentanglement of latent
   tokens against raw pixel patches, on segmentation masks (ADE20K label PNGs, CelebAMask-HQ parts);
 and the checks of the small recipes: the thumbnail baseline of reconstructions, a small classifier that
@@ -27,10 +27,10 @@ matplotlib.use('Agg')  # files, no window: plots are written on servers without 
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 from autoencoders import generate
-from common import exact_fp32, print0, seeded_noise
+from common import exact_fp32, gather_shards, print0, seeded_noise, shard_bounds
 from data import center_crop_arr, open_rgb, scan_image_folder, to_uint8
 from dit import LatentStats, destandardise, flow_sample, heun_knot, timestep_grid
-from metrics import METRIC_LABELS, psnr_per_image, ssim_per_image
+from metrics import METRIC_LABELS, frechet_distance, psnr_per_image, reconstruction_metrics, ssim_per_image, statistics
 from vmae import patchify
 
 # -----------------------------------------------------------------------------
@@ -238,6 +238,50 @@ def evaluate_compression(model, images_root, masks, image_size, device, num_imag
             tokens['labels'] += [patch_labels(np.asarray(label_img).astype(np.int64), model.patch_size) for _, label_img in batch]
     return {'latent': compression_statistics(tokens['latent'], tokens['labels']),
             'pixel': compression_statistics(tokens['pixel'], tokens['labels']), 'n_images': len(tokens['labels'])}
+
+# -----------------------------------------------------------------------------
+# reconstruction metrics over a dataset (Table 1; with eps > 0, Fig. 6)
+
+@torch.no_grad()
+def evaluate_reconstruction(model, dataset, d, eps_list=(0.0,), latent_std=None, batch_size=32, num_workers=4,
+                            inception=None, lpips_net=None, seed=0):
+    """Reconstruct each image from its posterior mean (plus eps * latent_std * noise, per channel, for
+    each eps) and compare the uint8 reconstruction with the uint8 original (what saved PNGs would hold).
+    -> {eps: {'l1', 'mse' (both on [0, 1] images), 'psnr', 'ssim', ['lpips'], ['rfid']}}: means over
+    images, on rank 0 (None on the others)."""
+    start, stop = shard_bounds(len(dataset), d.rank, d.world_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch_size,
+                                         num_workers=num_workers)
+    names = ['l1', 'mse', 'psnr', 'ssim'] + (['lpips'] if lpips_net is not None else [])
+    per_image = {eps: {k: [torch.zeros(0, dtype=torch.float64)] for k in names} for eps in eps_list}
+    pools = {key: [torch.zeros(0, 2048)] for key in ['original', *eps_list]} if inception is not None else {}
+    index = start
+    with exact_fp32():
+        for x, _ in tqdm(loader, desc='reconstruction', disable=not d.master):
+            x = x.to(d.device)
+            original = to_uint8(x)                                    # (B, H, W, 3): the crop, exactly (it came from uint8)
+            mean = model.encode(x).mean                               # (B, C, h, w)
+            noise = seeded_noise(seed, range(index, index + len(x)), mean.shape[1:]).to(d.device)
+            index += len(x)
+            if inception is not None:
+                pools['original'].append(inception(original.permute(0, 3, 1, 2))[0].cpu())
+            for eps in eps_list:
+                z = mean + eps * latent_std.to(d.device).view(1, -1, 1, 1) * noise if eps else mean
+                recon = to_uint8(model.decode(z))
+                for k, v in reconstruction_metrics(recon, original, lpips_net).items():
+                    per_image[eps][k].append(v)
+                if inception is not None:
+                    pools[eps].append(inception(recon.permute(0, 3, 1, 2))[0].cpu())
+    gather = lambda parts: gather_shards(torch.cat(parts), len(dataset), d).numpy()
+    results = {eps: {k: float(gather(v).mean()) for k, v in metrics.items()} for eps, metrics in per_image.items()}
+    pools = {key: gather(parts) for key, parts in pools.items()}
+    if not d.master:
+        return None
+    if inception is not None:
+        mu_ref, sigma_ref = statistics(pools['original'])
+        for eps in eps_list:
+            results[eps]['rfid'] = frechet_distance(*statistics(pools[eps]), mu_ref, sigma_ref)
+    return results
 
 # -----------------------------------------------------------------------------
 # the built-in data: a downscaling baseline and a shape-aware class check

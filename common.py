@@ -232,6 +232,24 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def shard_bounds(n, rank, world_size):
+    """Contiguous shard [start, stop) of rank: concatenating the shards in rank order gives the input order."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def gather_shards(x, n, d):
+    """Every rank's shard of an (n, ...) CPU tensor, concatenated in rank order (exactly n rows, input
+    order), on the CPU of every rank."""
+    if not d.ddp:
+        return x
+    sizes = [stop - start for start, stop in (shard_bounds(n, r, d.world_size) for r in range(d.world_size))]
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=d.device)  # all_gather needs equal shapes
+    padded[:len(x)] = x.to(d.device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).cpu()
+
+
 def seed_for(*numbers):
     """A well-mixed 63-bit seed from integers, e.g. (seed, rank, step)."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -40,15 +40,14 @@ from tqdm import tqdm
 import common
 import dit
 import fileio
-from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, heun_match, measure_latent_std, plot_smoothness,
-                      plot_solvers, recognition_study, solver_study, thumbnail_baseline, train_classifier)
+from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, evaluate_reconstruction, heun_match, measure_latent_std,
+                      plot_smoothness, plot_solvers, recognition_study, solver_study, thumbnail_baseline, train_classifier)
 from autoencoders import load_generator
-from common import exact_fp32, print0, seeded_noise
-from data import BUILTIN_CLASSES, IMG_EXTENSIONS, BuiltinShapes, build_dataset, center_crop_arr, open_rgb, to_uint8
+from common import exact_fp32, gather_shards, print0, seeded_noise, shard_bounds
+from data import BUILTIN_CLASSES, IMG_EXTENSIONS, BuiltinShapes, build_dataset, center_crop_arr, open_rgb
 from dit import read_latent_stats
 from inception import FID_WEIGHTS_SHA256_PREFIX, inception_weights_path, load_inception
-from metrics import (METRIC_LABELS, frechet_distance, inception_score, precision_recall, reconstruction_metrics,
-                     statistics)
+from metrics import METRIC_LABELS, frechet_distance, inception_score, precision_recall, statistics
 from vmae import load_vmae, lpips_vgg
 
 #################################################################################
@@ -167,24 +166,6 @@ def open_images(path, image_size=None):
 FEATURE_DIMS = {'pool': 2048, 'logits': 1008, 'spatial': 2023}
 
 
-def shard_bounds(n, rank, world_size):
-    """Contiguous shard [start, stop) of rank: concatenating the shards in rank order gives the input order."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def gather_shards(x, n, d):
-    """Every rank's shard of an (n, ...) CPU tensor, concatenated in rank order (exactly n rows, input
-    order), on the CPU of every rank."""
-    if not d.ddp:
-        return x
-    sizes = [stop - start for start, stop in (shard_bounds(n, r, d.world_size) for r in range(d.world_size))]
-    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=d.device)  # all_gather needs equal shapes
-    padded[:len(x)] = x.to(d.device)
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).cpu()
-
-
 def prefetch(iterable):
     """Yield the items of `iterable`, producing the next one in a thread while the caller uses this one."""
     iterator = iter(iterable)
@@ -291,51 +272,6 @@ def evaluate_generation(ref, samples, inception, d, batch_size=64, use_cache=Tru
             'ref_statistics': 'stored in the npz' if ref_stats else 'computed',
             'sample_statistics': 'stored in the npz' if smp_stats else 'computed', 'pr_distances': 'fp16' if pr_fp16 else 'fp32'}
     return results, info
-
-#################################################################################
-#                          Reconstruction metrics                               #
-#################################################################################
-
-@torch.no_grad()
-def evaluate_reconstruction(model, dataset, d, eps_list=(0.0,), latent_std=None, batch_size=32, num_workers=4,
-                            inception=None, lpips_net=None, seed=0):
-    """Reconstruct each image from its posterior mean (plus eps * latent_std * noise, per channel, for
-    each eps) and compare the uint8 reconstruction with the uint8 original (what saved PNGs would hold).
-    -> {eps: {'l1', 'mse' (both on [0, 1] images), 'psnr', 'ssim', ['lpips'], ['rfid']}}: means over
-    images, on rank 0 (None on the others)."""
-    start, stop = shard_bounds(len(dataset), d.rank, d.world_size)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch_size,
-                                         num_workers=num_workers)
-    names = ['l1', 'mse', 'psnr', 'ssim'] + (['lpips'] if lpips_net is not None else [])
-    per_image = {eps: {k: [torch.zeros(0, dtype=torch.float64)] for k in names} for eps in eps_list}
-    pools = {key: [torch.zeros(0, 2048)] for key in ['original', *eps_list]} if inception is not None else {}
-    index = start
-    with exact_fp32():
-        for x, _ in tqdm(loader, desc='reconstruction', disable=not d.master):
-            x = x.to(d.device)
-            original = to_uint8(x)                                    # (B, H, W, 3): the crop, exactly (it came from uint8)
-            mean = model.encode(x).mean                               # (B, C, h, w)
-            noise = seeded_noise(seed, range(index, index + len(x)), mean.shape[1:]).to(d.device)
-            index += len(x)
-            if inception is not None:
-                pools['original'].append(inception(original.permute(0, 3, 1, 2))[0].cpu())
-            for eps in eps_list:
-                z = mean + eps * latent_std.to(d.device).view(1, -1, 1, 1) * noise if eps else mean
-                recon = to_uint8(model.decode(z))
-                for k, v in reconstruction_metrics(recon, original, lpips_net).items():
-                    per_image[eps][k].append(v)
-                if inception is not None:
-                    pools[eps].append(inception(recon.permute(0, 3, 1, 2))[0].cpu())
-    gather = lambda parts: gather_shards(torch.cat(parts), len(dataset), d).numpy()
-    results = {eps: {k: float(gather(v).mean()) for k, v in metrics.items()} for eps, metrics in per_image.items()}
-    pools = {key: gather(parts) for key, parts in pools.items()}
-    if not d.master:
-        return None
-    if inception is not None:
-        mu_ref, sigma_ref = statistics(pools['original'])
-        for eps in eps_list:
-            results[eps]['rfid'] = frechet_distance(*statistics(pools[eps]), mu_ref, sigma_ref)
-    return results
 
 #################################################################################
 #                                     CLI                                       #

@@ -557,8 +557,8 @@ def test_smoothness(tmp_path, vmae_file, monkeypatch):
     dataset = torch.utils.data.Subset(BuiltinShapes(32, split='val'), range(5))
     d, std = common.setup_distributed('cpu'), torch.linspace(0.5, 2.0, 16)
     fid_calls = []
-    monkeypatch.setattr(evaluate, 'frechet_distance', lambda *stats: fid_calls.append(stats) or 1.0)
-    runs = [evaluate.evaluate_reconstruction(model, dataset, d, (0.0, 0.3), std, batch_size=b, num_workers=0,
+    monkeypatch.setattr(analyses, 'frechet_distance', lambda *stats: fid_calls.append(stats) or 1.0)
+    runs = [analyses.evaluate_reconstruction(model, dataset, d, (0.0, 0.3), std, batch_size=b, num_workers=0,
                                              inception=FakeInception(), seed=3) for b in (2, 5)]
     for eps in (0.0, 0.3):  # per-image noise: the batch size does not matter
         assert runs[0][eps] == pytest.approx(runs[1][eps], rel=1e-5)
@@ -691,4 +691,4 @@ def test_ddp_features_in_input_order(tmp_path):
                                        common.setup_distributed('cpu'), batch_size=2)
     for rank in range(2):  # every rank holds all features, in input order
         np.testing.assert_allclose(np.load(tmp_path / f'pool{rank}.npy'), single['pool'], atol=1e-5)
-    assert [evaluate.shard_bounds(7, r, 3) for r in range(3)] == [(0, 2), (2, 4), (4, 7)]
+    assert [common.shard_bounds(7, r, 3) for r in range(3)] == [(0, 2), (2, 4), (4, 7)]
