@@ -1,6 +1,6 @@
 """
 The latent diffusion transformer of LDMAE: a DiT with the LightningDiT options, its rectified-flow
-objective, an Euler sampler with classifier-free guidance, presets and a checkpoint loader.
+objective, Euler and Heun samplers with classifier-free guidance, presets and a checkpoint loader.
 
 References:
 - DiT: Peebles & Xie, "Scalable Diffusion Models with Transformers", ICCV 2023.
@@ -50,10 +50,8 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        """
-        (N,) times -> (N, dim) features [cos(t f_k), sin(t f_k)] with f_k = max_period^(-k / (dim / 2)).
-        The raw t in [0, 1] goes in, not 1000 t: the authors' checkpoints were trained that way.
-        """
+        """(N,) times -> (N, dim) features [cos(t f_k), sin(t f_k)] with f_k = max_period^(-k / (dim / 2)).
+        The raw t in [0, 1] goes in, not 1000 t: the authors' checkpoints were trained that way."""
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]                     # (N, half)
@@ -64,12 +62,10 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """
-    Embeds class labels into vector representations. In training, each label is replaced by the null
+    """Embeds class labels into vector representations. In training, each label is replaced by the null
     class (id num_classes) with probability dropout_prob, which teaches the unconditional velocity used
     by classifier-free guidance. The null row exists only when dropout_prob > 0, so an unconditional
-    model (num_classes=1, dropout_prob=0, as the authors' CelebA-HQ DiT) has a one-row table.
-    """
+    model (num_classes=1, dropout_prob=0, as the authors' CelebA-HQ DiT) has a one-row table."""
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
@@ -95,11 +91,9 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 
 class RMSNormFunction(torch.autograd.Function):
-    """
-    n * weight with n = x / rms(x), rms(x) = sqrt(mean(x^2) + eps), in fp32 so bf16 activations keep their scale.
+    """n * weight with n = x / rms(x), rms(x) = sqrt(mean(x^2) + eps), in fp32 so bf16 activations keep their scale.
     The gradient, written out in 7 passes over x-sized tensors (autograd on the formula makes 11), is
-        grad_x = (g - n * mean(g * n)) / rms(x) with g = grad * weight; grad_weight = sum of grad * n over tokens
-    """
+        grad_x = (g - n * mean(g * n)) / rms(x) with g = grad * weight; grad_weight = sum of grad * n over tokens"""
     @staticmethod
     def forward(ctx, x, weight, eps):
         x32 = x.float()
@@ -156,12 +150,10 @@ class MLP(nn.Module):
 
 
 class RotaryEmbedding2D(nn.Module):
-    """
-    2D rotary position embedding (EVA-02 style) for a grid_size x grid_size token map in row-major order.
+    """2D rotary position embedding (EVA-02 style) for a grid_size x grid_size token map in row-major order.
     Head dims [0, d/2) rotate with the token's row and [d/2, d) with its column. In each half the pair
     (2k, 2k+1) rotates by the angle pos * theta^(-k / (d/4)), so q.k depends only on relative position.
-    The cos/sin tables are (persistent) buffers because the authors' checkpoints contain them.
-    """
+    The cos/sin tables are (persistent) buffers because the authors' checkpoints contain them."""
     def __init__(self, head_dim, grid_size, theta=10000.0):
         super().__init__()
         half = head_dim // 2
@@ -257,13 +249,11 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """
-    Diffusion model with a Transformer backbone, predicting the flow velocity of latents.
+    """Diffusion model with a Transformer backbone, predicting the flow velocity of latents.
     The defaults are the authors' LDMAE ImageNet model (LightningDiT-B/1 on 16x32x32 latents).
     The use_* switches are LightningDiT's: QK-norm is off in the authors' CelebA-HQ model, and with all
     four off the block is the original DiT's (LayerNorm, GELU MLP, no RoPE), for ablations and for
-    loading checkpoints of either kind (load_dit reads the switches off the keys).
-    """
+    loading checkpoints of either kind (load_dit reads the switches off the keys)."""
     def __init__(self, input_size=32, patch_size=1, in_channels=16, hidden_size=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
                  use_qknorm=True, use_swiglu=True, use_rmsnorm=True, use_rope=True):
@@ -327,10 +317,8 @@ class DiT(nn.Module):
         return self.num_classes if self.y_embedder.dropout_prob > 0 else None
 
     def unpatchify(self, x):
-        """
-        x: (N, T, p * p * C) with each token ordered (row in patch, column in patch, channel)
-        returns: (N, C, H, W)
-        """
+        """x: (N, T, p * p * C) with each token ordered (row in patch, column in patch, channel)
+        returns: (N, C, H, W)"""
         c, p = self.out_channels, self.patch_size
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)            # (N, h, w, p, q, C)
@@ -338,13 +326,7 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)       # (N, C, H, W)
 
     def forward(self, x, t, y):
-        """
-        Forward pass of DiT.
-        x: (N, C, H, W) latents on the path at time t
-        t: (N,) flow times in [0, 1] (0 = noise, 1 = data)
-        y: (N,) class labels
-        returns: (N, C, H, W) velocity
-        """
+        """x: (N, C, H, W) latents at flow times t: (N,) in [0, 1] (0 = noise), y: (N,) labels -> (N, C, H, W) velocity"""
         x = self.x_embedder(x) + self.pos_embed     # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:
@@ -362,11 +344,9 @@ class DiT(nn.Module):
 #################################################################################
 
 def flow_loss(model, x1, y):
-    """
-    Rectified-flow loss: x_t = t * x1 + (1 - t) * x0 with noise x0 ~ N(0, I), target velocity x1 - x0,
+    """Rectified-flow loss: x_t = t * x1 + (1 - t) * x0 with noise x0 ~ N(0, I), target velocity x1 - x0,
     t = sigmoid(n) with n ~ N(0, 1) (logit-normal, which favours the middle of the path).
-    x1: (N, ...) data latents, y: (N,) labels. Returns the per-sample MSE, (N,); the caller averages.
-    """
+    x1: (N, ...) data latents, y: (N,) labels. Returns the per-sample MSE, (N,); the caller averages."""
     x0 = torch.randn_like(x1)
     t = torch.sigmoid(torch.randn(x1.shape[0], device=x1.device, dtype=x1.dtype))
     t_ = t.view(-1, *[1] * (x1.ndim - 1))                   # (N, 1, ...) to broadcast
@@ -376,13 +356,11 @@ def flow_loss(model, x1, y):
 
 
 def guided_velocity(model, x, t, y, cfg_scale, null_label, cfg_interval_start=0.0, cfg_channels=None):
-    """
-    Classifier-free guidance for any velocity model: v = v_u + s * (v_c - v_u).
+    """Classifier-free guidance for any velocity model: v = v_u + s * (v_c - v_u).
     s = 1, or every t below cfg_interval_start, is one plain conditional call model(x, t, y). Otherwise
     one batched call on [x, x] with labels [y, null_label]; samples with t < cfg_interval_start still
     get v_c. cfg_channels=k guides only channels [0, k) and gives the rest v_c: DiT and LightningDiT
-    guide 3 channels, and the authors' scales were tuned that way. None guides all channels.
-    """
+    guide 3 channels, and the authors' scales were tuned that way. None guides all channels."""
     guided = t >= cfg_interval_start
     if cfg_scale == 1 or not guided.any():
         return model(x, t, y)
@@ -396,11 +374,9 @@ def guided_velocity(model, x, t, y, cfg_scale, null_label, cfg_interval_start=0.
 
 
 def timestep_grid(steps, shift=0.0, knot=None):
-    """
-    steps times from 0 (noise) to 1 (data). A shift s > 0 maps t -> s * t / (1 + (s - 1) * t), which for
+    """steps times from 0 (noise) to 1 (data). A shift s > 0 maps t -> s * t / (1 + (s - 1) * t), which for
     s < 1 packs the steps near the noise end: LightningDiT's s = 0.3 puts 68 of 249 steps below t = 0.1.
-    A knot inside (0, 1) is added as one more time (unless the grid already holds it).
-    """
+    A knot inside (0, 1) is added as one more time (unless the grid already holds it)."""
     t = torch.linspace(0, 1, steps)
     if shift > 0:
         t = shift * t / (1 + (shift - 1) * t)
@@ -421,21 +397,13 @@ SOLVERS = ('euler', 'heun')
 @torch.no_grad()
 def flow_sample(model, z, y, steps=250, solver='euler', shift=0.3, cfg_scale=1.0, cfg_interval_start=0.1,
                 cfg_channels=None, null_label=None, progress=False):
-    """
-    Integrates dx/dt = v(x, t) from the noise z at t=0 to data at t=1 on timestep_grid(steps, shift).
-    solver='euler' (the paper's): each step takes the slope at its left end, never evaluating at t=1;
-    steps - 1 evaluations, first-order accurate; each is guided or not by its own t (see guided_velocity).
-    solver='heun' (Heun's method, the explicit trapezoid rule): each step also evaluates at its right end,
-    at the Euler prediction, and moves by the mean of the two slopes: second-order accurate where the
-    velocity is smooth, so far fewer steps reach Euler-250's error. Guidance switching on at
-    cfg_interval_start makes the velocity jump, so a guided Heun grid gets one more time there (heun_knot):
-    2 steps evaluations. Both evaluations of a step are guided as its left end is, so the step ending at
-    the switch integrates the unguided field up to it (its left-side limit) and the next the guided one.
-    model: a DiT (in eval mode) or any callable model(x, t, y) -> velocity, with t a (N,) tensor.
-    z: (N, ...) noise, y: (N,) labels. The null label defaults to the model's own (a plain callable must
-    pass null_label to be guided). The defaults are the authors' sampler; they guide ImageNet with
-    cfg_scale=10, cfg_channels=3.
-    """
+    """Integrates dx/dt = v(x, t) from the noise z (N, ...) at t=0 to data at t=1 on timestep_grid(steps, shift).
+    'euler' (the paper's): the slope at each step's left end; steps - 1 evaluations, first order.
+    'heun' (the explicit trapezoid rule): also the slope at the right end, at the Euler prediction, and
+    the mean of the two: second order where v is smooth. Guidance switching on at cfg_interval_start
+    makes v jump, so a guided Heun grid gets a knot there (heun_knot) and both evaluations of a step are
+    guided as its left end is. model: a DiT in eval mode or any model(x, t, y) with t of shape (N,);
+    null_label defaults to the model's. The defaults are the authors'; ImageNet: cfg_scale=10, cfg_channels=3."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}': choose one of {SOLVERS}")
     if null_label is None:
@@ -485,11 +453,9 @@ def update_ema(ema, model, decay):
 #################################################################################
 
 class LatentStats:
-    """
-    Per-channel mean and unbiased std of latents, accumulated batch by batch in float64. The DiT learns
+    """Per-channel mean and unbiased std of latents, accumulated batch by batch in float64. The DiT learns
     standardised latents (z - mean) / std; sampling maps them back. `sums` (count, sum, sum of squares per
-    channel) can be all-reduced over ranks before `result()`.
-    """
+    channel) can be all-reduced over ranks before `result()`."""
     def __init__(self, channels, device='cpu'):
         self.sums = torch.zeros(3, channels, dtype=torch.float64, device=device)
 
@@ -513,11 +479,9 @@ def destandardise(x, stats):
 
 
 def read_latent_stats(path):
-    """
-    Per-channel mean and std (C,) float32 of the latents a DiT was trained on, from a train_dit.py
+    """Per-channel mean and std (C,) float32 of the latents a DiT was trained on, from a train_dit.py
     checkpoint ('latent_stats'), a JSON with 'mean' and 'std' (train_dit.py's latents/meta.json), or
-    the authors' latents_stats.pt ({'mean', 'std'} of shape (1, C, 1, 1)).
-    """
+    the authors' latents_stats.pt ({'mean', 'std'} of shape (1, C, 1, 1))."""
     if path.endswith('.json'):
         try:
             with open(path) as f:
@@ -540,11 +504,9 @@ def read_latent_stats(path):
 #################################################################################
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """
-    (grid_size ** 2, embed_dim) table for a row-major grid (MAE convention): the first half of the dims
+    """(grid_size ** 2, embed_dim) table for a row-major grid (MAE convention): the first half of the dims
     encodes the column index, the second half the row index, each as [sin(pos w_k), cos(pos w_k)] with
-    w_k = 10000^(-k / (embed_dim / 4)).
-    """
+    w_k = 10000^(-k / (embed_dim / 4))."""
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
     pos = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing='ij')                          # (g, g) each
@@ -590,27 +552,23 @@ CHECKPOINT_VERSION = 1
 
 
 def dit_checkpoint(model, ema, latent_stats=None, **extra):
-    """
-    The checkpoint dict train_dit.py saves and load_dit reads:
+    """The checkpoint dict train_dit.py saves and load_dit reads:
         kind          'dit'
         version       CHECKPOINT_VERSION
         model_args    the full DiT constructor kwargs (model.model_args): DiT(**model_args) rebuilds it
         model, ema    state dicts of the trained weights and of their EMA (sampling uses the EMA)
         latent_stats  {'mean': (C,), 'std': (C,)} that standardised the training latents, or None
         **extra       anything else the trainer keeps (optimizer state, step, config, ...)
-    model and ema must be the unwrapped DiT modules (not DDP or torch.compile wrappers).
-    """
+    model and ema must be the unwrapped DiT modules (not DDP or torch.compile wrappers)."""
     return {'kind': 'dit', 'version': CHECKPOINT_VERSION, 'model_args': dict(model.model_args),
             'model': model.state_dict(), 'ema': ema.state_dict(), 'latent_stats': latent_stats, **extra}
 
 
 def infer_model_args(state_dict):
-    """
-    Reads the DiT constructor kwargs off a LightningDiT state dict (the authors' checkpoints carry no
+    """Reads the DiT constructor kwargs off a LightningDiT state dict (the authors' checkpoints carry no
     model arguments). A label table of one row is an unconditional model; n > 1 rows are n - 1 classes
     plus the null class. Heads come from the QK-norm or RoPE widths, else a head dim of 64 is assumed;
-    the MLP ratio is 4, as in every LightningDiT preset.
-    """
+    the MLP ratio is 4, as in every LightningDiT preset."""
     hidden_size, in_channels, patch_size, _ = state_dict['x_embedder.proj.weight'].shape
     grid_size = math.isqrt(state_dict['pos_embed'].shape[1])
     table_rows = state_dict['y_embedder.embedding_table.weight'].shape[0]
@@ -631,13 +589,11 @@ def infer_model_args(state_dict):
 
 
 def load_dit(path, device='cpu', weights='ema'):
-    """
-    Loads a DiT for sampling: the EMA weights (weights='ema', falling back to 'model' when a file has no
+    """Loads a DiT for sampling: the EMA weights (weights='ema', falling back to 'model' when a file has no
     EMA) or the raw ones (weights='model'), in eval mode, on device. Reads our own checkpoints (see
     dit_checkpoint) and the authors' LightningDiT ones, whose architecture is inferred from the keys.
     The returned model carries .latent_stats ({'mean': (C,), 'std': (C,)} or None) and .meta (what our
-    trainer stored beside the weights: 'config', 'classes', 'step'; empty for the authors' files).
-    """
+    trainer stored beside the weights: 'config', 'classes', 'step'; empty for the authors' files)."""
     def wrong_file(found):
         return ValueError(f"{path}: expected a DiT checkpoint (a dict with 'ema' or 'model' weights), found {found}")
 
