@@ -359,16 +359,19 @@ def train_classifier(train_set, colour_blind=False, steps=600, batch_size=128, s
 
 
 @torch.no_grad()
-def recognition_rate(classifier, images, labels, batch_size=500):
-    """Fraction of images (B, 3, H, W) in [-1, 1] that the classifier names as their label."""
-    hits = sum((classifier(images[i:i + batch_size].clamp(-1, 1)).argmax(1) == labels[i:i + batch_size]).sum().item()
-               for i in range(0, len(images), batch_size))
-    return hits / len(images)
+def predictions(classifier, images, batch_size=500):
+    """The classes the classifier names for images (B, 3, H, W) in [-1, 1], batch by batch."""
+    return torch.cat([classifier(images[i:i + batch_size].clamp(-1, 1)).argmax(1) for i in range(0, len(images), batch_size)])
+
+
+def recognition_rate(classifier, images, labels):
+    """Fraction of images that the classifier names as their label."""
+    return (predictions(classifier, images) == labels).sum().item() / len(images)
+
 
 def class_rates(classifier, images, labels, num_classes):
     """Per class, the fraction of its images the classifier names as it (nan for a class with none)."""
-    with torch.no_grad():
-        hits = torch.cat([classifier(images[i:i + 500].clamp(-1, 1)).argmax(1) for i in range(0, len(images), 500)]) == labels
+    hits = predictions(classifier, images) == labels
     return [hits[labels == c].float().mean().item() if (labels == c).any() else float('nan') for c in range(num_classes)]
 
 

@@ -324,38 +324,34 @@ class CompressionConfig(VmaeConfig):
 
 
 @dataclasses.dataclass
-class SolversConfig:
-    dit: str = ''                       # train_dit.py checkpoint (or the authors', with --latent_stats); required
+class SamplingConfig:
+    dit: str = ''                       # train_dit.py checkpoint; required
     vmae: str = ''                      # the autoencoder that decodes its latents; '': the one the DiT was trained on
-    latent_stats: str = ''              # for a DiT checkpoint without them (the authors' latents_stats.pt)
     num_samples: int = 100              # class-balanced samples (label i % classes), noise from (seed, i)
-    reference_steps: int = 1000         # Heun steps of the reference integration
     cfg_scale: float | None = None      # guidance; default: 4 for class-conditional DiTs, 1 for unconditional ones
     cfg_interval_start: float = 0.1     # no guidance for t below this
-    cfg_channels: int = 0               # guide only latent channels [0, k); 0 = all
     shift: float = 0.3                  # the time grid's shift, as sample.py
     seed: int = 0
     batch_size: int = 250               # samples per DiT batch
     device: str = 'auto'                # 'auto', 'cpu' or 'cuda'
-    out: str = ''                       # JSON path; '': <dit>.solvers.json, with a .png beside it
+    out: str = ''                       # JSON path; '': next to the DiT checkpoint
 
 
 @dataclasses.dataclass
-class RecognitionConfig:
-    dit: str = ''                       # train_dit.py checkpoint of a class-conditional DiT; required
+class SolversConfig(SamplingConfig):
+    latent_stats: str = ''              # for a DiT checkpoint without them (the authors' latents_stats.pt)
+    reference_steps: int = 1000         # Heun steps of the reference integration
+    cfg_channels: int = 0               # guide only latent channels [0, k); 0 = all
+
+
+@dataclasses.dataclass
+class RecognitionConfig(SamplingConfig):
     data: str = ''                      # real images of its classes to train the judge on: 'builtin' or a folder of class subfolders; required
     held_out: str = ''                  # real images of the same classes the judge never sees, its bar; '': builtin's val split
-    vmae: str = ''                      # the autoencoder that decodes its latents; '': the one the DiT was trained on
     num_samples: int = 500              # class-balanced samples (label i % classes), noise from (seed, i)
     steps: int = 50                     # sampler steps (the paper: 250)
     solver: str = 'euler'               # euler or heun
-    cfg_scale: float | None = None      # guidance; default: 4 for class-conditional DiTs
-    cfg_interval_start: float = 0.1     # no guidance for t below this
-    shift: float = 0.3                  # the time grid's shift, as sample.py
     seed: int = 1                       # noise seed (sample.py's grids use 0)
-    batch_size: int = 250               # samples per DiT batch
-    device: str = 'auto'                # 'auto', 'cpu' or 'cuda'
-    out: str = ''                       # JSON path; '': <dit>.recognition.json
 
 
 def format_value(v):
@@ -555,12 +551,11 @@ def check_config(cfg):
     size, all images). A VMAE command's image size must give whole 8 x 8 patches."""
     if isinstance(cfg, FidConfig):
         return common.check_settings(cfg, at_least={'batch_size': 1, 'image_size': 1}, zero_ok=('image_size',))
-    if isinstance(cfg, RecognitionConfig):
-        return common.check_settings(cfg, at_least={'num_samples': 1, 'steps': 2, 'batch_size': 1, 'seed': 0, 'cfg_interval_start': 0,
-                                                    'shift': 0}, choices={'solver': dit.SOLVERS})
-    if isinstance(cfg, SolversConfig):
-        return common.check_settings(cfg, at_least={'num_samples': 1, 'reference_steps': 2, 'batch_size': 1, 'seed': 0,
-                                                    'cfg_channels': 0, 'cfg_interval_start': 0, 'shift': 0})
+    if isinstance(cfg, SamplingConfig):
+        common.check_settings(cfg, at_least={'num_samples': 1, 'batch_size': 1, 'seed': 0, 'cfg_interval_start': 0, 'shift': 0})
+        if isinstance(cfg, SolversConfig):
+            return common.check_settings(cfg, at_least={'reference_steps': 2, 'cfg_channels': 0})
+        return common.check_settings(cfg, at_least={'steps': 2}, choices={'solver': dit.SOLVERS})
     common.check_settings(cfg, at_least={'batch_size': 1, 'num_images': 0, 'image_size': 8}, multiple_of={'image_size': 8},
                           zero_ok=('image_size',))
     if isinstance(cfg, ReconConfig):  # recon, smoothness
