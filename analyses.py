@@ -30,7 +30,7 @@ from autoencoders import generate
 from common import exact_fp32, gather_shards, print0, seeded_noise, shard_bounds
 from data import center_crop_arr, open_rgb, scan_image_folder, to_uint8
 from dit import LatentStats, destandardise, flow_sample, heun_knot, timestep_grid
-from metrics import METRIC_LABELS, frechet_distance, psnr_per_image, reconstruction_metrics, ssim_per_image, statistics
+from metrics import METRIC_LABELS, frechet_distance, psnr_per_image, reconstruction_metrics, statistics
 from vmae import patchify
 
 # -----------------------------------------------------------------------------
@@ -244,16 +244,18 @@ def evaluate_compression(model, images_root, masks, image_size, device, num_imag
 
 @torch.no_grad()
 def evaluate_reconstruction(model, dataset, d, eps_list=(0.0,), latent_std=None, batch_size=32, num_workers=4,
-                            inception=None, lpips_net=None, seed=0):
+                            inception=None, lpips_net=None, seed=0, thumbnail_side=0):
     """Reconstruct each image from its posterior mean (plus eps * latent_std * noise, per channel, for
     each eps) and compare the uint8 reconstruction with the uint8 original (what saved PNGs would hold).
     -> {eps: {'l1', 'mse' (both on [0, 1] images), 'psnr', 'ssim', ['lpips'], ['rfid']}}: means over
-    images, on rank 0 (None on the others)."""
+    images, on rank 0 (None on the others). thumbnail_side > 0 adds the same metrics (no rFID) of that
+    bicubic thumbnail under 'thumbnail', in the same pass, with 'exact': how many images it copies
+    exactly (flat ones: their PSNR, and so the mean's, is infinite)."""
     start, stop = shard_bounds(len(dataset), d.rank, d.world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)), batch_size=batch_size,
                                          num_workers=num_workers)
     names = ['l1', 'mse', 'psnr', 'ssim'] + (['lpips'] if lpips_net is not None else [])
-    per_image = {eps: {k: [torch.zeros(0, dtype=torch.float64)] for k in names} for eps in eps_list}
+    per_image = {eps: {k: [torch.zeros(0, dtype=torch.float64)] for k in names} for eps in [*eps_list] + ['thumbnail'] * bool(thumbnail_side)}
     pools = {key: [torch.zeros(0, 2048)] for key in ['original', *eps_list]} if inception is not None else {}
     index = start
     with exact_fp32():
@@ -265,6 +267,10 @@ def evaluate_reconstruction(model, dataset, d, eps_list=(0.0,), latent_std=None,
             index += len(x)
             if inception is not None:
                 pools['original'].append(inception(original.permute(0, 3, 1, 2))[0].cpu())
+            if thumbnail_side:
+                thumbnails = torch.from_numpy(thumbnail_reconstruction(original.cpu().numpy(), thumbnail_side)).to(d.device)
+                for k, v in reconstruction_metrics(thumbnails, original, lpips_net).items():
+                    per_image['thumbnail'][k].append(v)
             for eps in eps_list:
                 z = mean + eps * latent_std.to(d.device).view(1, -1, 1, 1) * noise if eps else mean
                 recon = to_uint8(model.decode(z))
@@ -273,7 +279,10 @@ def evaluate_reconstruction(model, dataset, d, eps_list=(0.0,), latent_std=None,
                 if inception is not None:
                     pools[eps].append(inception(recon.permute(0, 3, 1, 2))[0].cpu())
     gather = lambda parts: gather_shards(torch.cat(parts), len(dataset), d).numpy()
-    results = {eps: {k: float(gather(v).mean()) for k, v in metrics.items()} for eps, metrics in per_image.items()}
+    per_image = {eps: {k: gather(v) for k, v in metrics.items()} for eps, metrics in per_image.items()}
+    results = {eps: {k: float(v.mean()) for k, v in metrics.items()} for eps, metrics in per_image.items()}
+    if thumbnail_side:
+        results['thumbnail'].update(side=thumbnail_side, exact=int(np.isinf(per_image['thumbnail']['psnr']).sum()))
     pools = {key: gather(parts) for key, parts in pools.items()}
     if not d.master:
         return None
@@ -294,19 +303,10 @@ def thumbnail_reconstruction(images, side):
     return np.stack([round_trip(a) for a in images])
 
 
-def thumbnail_baseline(dataset, latent_numbers, batch_size=250):
-    """The simplest compressor of an autoencoder's size, on the images of `dataset`: the largest bicubic
-    thumbnail with no more numbers than the latent. -> (side, {'psnr', 'ssim'} means over the images, and
-    'exact': how many it copies exactly, flat ones, whose PSNR is infinite and so makes the mean's)"""
-    side = math.isqrt(latent_numbers // 3)
-    scores = {'psnr': [], 'ssim': []}
-    for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        originals = to_uint8(x).numpy()
-        thumbnails = thumbnail_reconstruction(originals, side)
-        scores['psnr'].append(psnr_per_image(originals, thumbnails))
-        scores['ssim'].append(ssim_per_image(originals, thumbnails))
-    psnr = np.concatenate(scores['psnr'])
-    return side, {'psnr': float(psnr.mean()), 'ssim': float(np.concatenate(scores['ssim']).mean()), 'exact': int(np.isinf(psnr).sum())}
+def thumbnail_side(latent_numbers):
+    """The side of the largest RGB thumbnail with no more numbers than the latent: the simplest compressor
+    of an autoencoder's size, the baseline its reconstructions must beat (evaluate_reconstruction)."""
+    return math.isqrt(latent_numbers // 3)
 
 
 def colourless(x, generator=None):

@@ -41,7 +41,7 @@ import common
 import dit
 import fileio
 from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, evaluate_reconstruction, heun_match, measure_latent_std,
-                      plot_smoothness, plot_solvers, recognition_study, solver_study, thumbnail_baseline, train_classifier)
+                      plot_smoothness, plot_solvers, recognition_study, solver_study, thumbnail_side, train_classifier)
 from autoencoders import load_generator
 from common import exact_fp32, gather_shards, print0, seeded_noise, shard_bounds
 from data import BUILTIN_CLASSES, IMG_EXTENSIONS, BuiltinShapes, build_dataset, center_crop_arr, open_rgb
@@ -411,20 +411,20 @@ def reconstruction_tools(cfg, d):
 def run_recon(cfg, d):
     model, dataset = load_model_and_data(cfg, d)
     inception, lpips_net = reconstruction_tools(cfg, d)
-    results = evaluate_reconstruction(model, dataset, d, (0.0,), None, cfg.batch_size, cfg.num_workers, inception, lpips_net)
+    latent_numbers = model.latent_dim * model.grid ** 2
+    side = thumbnail_side(latent_numbers)
+    results = evaluate_reconstruction(model, dataset, d, (0.0,), None, cfg.batch_size, cfg.num_workers, inception, lpips_net,
+                                      thumbnail_side=side)
     if not d.master:
         return
-    metrics = results[0.0]
-    side, thumbnail = thumbnail_baseline(dataset, model.latent_dim * model.grid ** 2)
+    metrics, thumbnail = results[0.0], results['thumbnail']
     print_table(['metric', 'VMAE', f'{side}x{side} thumbnail'],
                 [[METRIC_LABELS[k], format_value(v), format_value(thumbnail[k]) if k in thumbnail else ''] for k, v in metrics.items()])
-    print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} "
-          f"vs {model.latent_dim * model.grid ** 2})")
+    print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} vs {latent_numbers})")
     if thumbnail['exact']:
         print(f"(its PSNR is infinite: it copies {thumbnail['exact']} flat images exactly)")
     write_results(cfg.out or cfg.vmae + '.recon.json', {**metrics, 'data': cfg.data, 'n_images': len(dataset), 'image_size': model.img_size,
-                                                       'latent_numbers': model.latent_dim * model.grid ** 2,
-                                                       'thumbnail': {'side': side, **thumbnail}}, cfg, inception)
+                                                       'latent_numbers': latent_numbers, 'thumbnail': thumbnail}, cfg, inception)
 
 
 def latent_std_for(cfg, model, dataset, d):

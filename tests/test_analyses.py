@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import analyses
+import common
 import data
 import metrics
+import vmae
 from dit import flow_sample
 
 
@@ -37,16 +39,21 @@ class Images(torch.utils.data.Dataset):
 
 
 def test_thumbnail_baseline_scores_the_largest_thumbnail_of_the_latents_size():
+    model = vmae.VMAE_models['VMAE-tiny'](img_size=32).eval()
     images = torch.rand(5, 3, 32, 32) * 2 - 1
-    side, scores = analyses.thumbnail_baseline(Images(images, [0] * 5), latent_numbers=256, batch_size=2)
-    assert side == 9  # 3 x 9 x 9 = 243 <= 256 < 3 x 10 x 10
+
+    def thumbnail_scores(x):
+        return analyses.evaluate_reconstruction(model, Images(x, [0] * len(x)), common.Dist(), batch_size=2, num_workers=0,
+                                                thumbnail_side=analyses.thumbnail_side(256))['thumbnail']
+    scores = thumbnail_scores(images)
+    assert scores['side'] == 9  # 3 x 9 x 9 = 243 <= 256 < 3 x 10 x 10
     originals = data.to_uint8(images).numpy()
     thumbnails = analyses.thumbnail_reconstruction(originals, 9)
     assert scores['psnr'] == pytest.approx(metrics.psnr_per_image(originals, thumbnails).mean())
     assert scores['ssim'] == pytest.approx(metrics.ssim_per_image(originals, thumbnails).mean())
     assert scores['exact'] == 0
     flat = torch.cat([images, torch.zeros(1, 3, 32, 32)])  # a flat image survives the round trip exactly
-    _, scores = analyses.thumbnail_baseline(Images(flat, [0] * 6), latent_numbers=256)
+    scores = thumbnail_scores(flat)
     assert scores['exact'] == 1 and scores['psnr'] == float('inf')
 
 
