@@ -56,11 +56,11 @@ def load_generator(dit_path, autoencoder_path='', latent_stats='', weights='ema'
     if stats is None:
         raise ValueError(f"{dit_path} carries no latent statistics (the authors' checkpoints do not): pass --latent_stats "
                          f"(their latents_stats.pt, or a train_dit.py latents/meta.json)")
-    path = autoencoder_path or config.get('vmae', '')
+    path = autoencoder_path or config.get('autoencoder', '')
     if not path:
-        raise ValueError(f"no VMAE (or other autoencoder) to decode with: pass --vmae (the checkpoint {dit_path} was trained on)")
-    if autoencoder_path and config.get('vmae_sha256') not in (None, fileio.file_sha256(autoencoder_path)):
-        print0(f"note: decoding with {autoencoder_path}, not the autoencoder this DiT was trained on ({config.get('vmae')}): "
+        raise ValueError(f"no autoencoder to decode with: pass --autoencoder (the one the DiT {dit_path} was trained on)")
+    if autoencoder_path and config.get('autoencoder_sha256') not in (None, fileio.file_sha256(autoencoder_path)):
+        print0(f"note: decoding with {autoencoder_path}, not the autoencoder this DiT was trained on ({config.get('autoencoder')}): "
                f"right for a decoder fine-tuned with the encoder frozen, wrong otherwise")
     autoencoder = load_autoencoder(path, device, img_size=config.get('image_size'))
     shape = (model.in_channels, model.model_args['input_size'], model.model_args['input_size'])

@@ -338,7 +338,10 @@ def read_run_checkpoint(path, kind):
     optimizer state, is refused before any work starts."""
     ckpt = fileio.read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get('kind') != kind or 'optimizer' not in ckpt:
-        raise ValueError(f"--resume: {path} is not a train_{kind}.py checkpoint: choose the --out_dir of a {kind} run")
+        found = f"a '{ckpt['kind']}' checkpoint" if isinstance(ckpt, dict) and ckpt.get('kind', kind) != kind else \
+            "not a training run's checkpoint (no optimizer state)"
+        raise ValueError(f"--resume: {path} is {found}, and this run trains a '{kind}' model: choose the --out_dir of such a run "
+                         f"(or the --model that made it)")
     return ckpt
 
 
@@ -352,7 +355,7 @@ def restore_run(ckpt, optimizer, scaler, cfg, path):
 
 
 def note_config_changes(saved, cfg, free=('resume', 'stop_epoch', 'max_steps', 'log_every', 'ckpt_every', 'keep_every', 'image_every',
-                                          'sample_every', 'num_workers', 'compile', 'device', 'out_dir', 'vmae', 'latents')):
+                                          'sample_every', 'num_workers', 'compile', 'device', 'out_dir', 'autoencoder', 'latents')):
     """On resume, name the settings that differ from the checkpoint's run (other than the run's
     length and bookkeeping): the continuation is then no longer the run that was started."""
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items() if k not in free and k in saved and saved[k] != v]

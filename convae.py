@@ -222,6 +222,10 @@ class ConvAE(nn.Module):
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
+    def load_weights(self, state_dict):
+        """Strict load, DDP/compile prefixes stripped; convolutional, so weights fit any img_size."""
+        self.load_state_dict(strip_wrapper_prefixes(state_dict), strict=True)
+
     def check_size(self, x):
         # other sides would be floored silently by the stride-2 convs (65x63 px -> an 8x7 latent)
         if x.ndim != 4 or x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
@@ -229,20 +233,43 @@ class ConvAE(nn.Module):
                              f"got shape {tuple(x.shape)}")
 
 #################################################################################
-#                     SD-VAE Training: PatchGAN and Weights                     #
+#                 Training Objectives: AE, DAE, VAE and SD-VAE                  #
 #################################################################################
-# The LDM objective (ldm's LPIPSWithDiscriminator), for the trainer to assemble:
-#   nll_loss = sum over pixels and batch of (|x - x_rec| + LPIPS(x, x_rec)) / B, the LPIPS map broadcast
-#              onto every pixel and channel, so per sample 3HW x (mean L1 + LPIPS) (vmae.lpips_vgg);
-#   kl_loss  = posterior.kl(standard=True) summed per sample, averaged over the batch;
-#   generator step:     nll_loss + kl_weight * kl_loss + d_weight * f * g_loss, g_loss = -mean(D(x_rec)),
-#                       d_weight = disc_weight * adaptive_weight(nll_loss, g_loss, decoder.conv_out.weight),
-#                       f = disc_factor_at(step, disc_start); D frozen, so no gradient lands on it;
-#   discriminator step: f * hinge_d_loss(D(x.detach()), D(x_rec.detach())), real and fake in separate
-#                       calls (D keeps BatchNorm in train mode), with Adam(betas=(0.5, 0.9)) for both.
-# Under fp16 autocast, keep the losses and the adaptive weight's gradient norms in fp32 (they underflow).
-# The LDM kl-f8 recipe: kl_weight 1e-6, disc_weight 0.5, disc_start 50001. The sums are what these
-# weights were tuned for; per-pixel means would change the balance between the terms.
+# The four baselines of the paper (App. A) differ only in these terms (train_vmae.py assembles them):
+#   AE:     squared error                       DAE: the same, from an input with Gaussian noise added
+#   VAE:    squared error + kl_weight x KL(q(z|x) || N(0, I)), decoding a posterior sample
+#   SD-VAE: LDM's LPIPSWithDiscriminator: L1 + LPIPS + kl_weight x KL, and from step disc_start the
+#           generator term d_weight x g_loss, d_weight = disc_weight x adaptive_weight(nll, g_loss,
+#           decoder.conv_out.weight); the discriminator D then learns from hinge_d_loss(D(x), D(x_rec))
+#           on detached images, real and fake in separate calls (its BatchNorm sees each alone).
+# The reductions are LDM's: sums over pixels (or latents) per sample, averaged over the batch, so one
+# image's NLL is 3HW x (mean error + LPIPS). kl_weight 1e-6 and the GAN weights were tuned for these sums.
+
+def convae_loss(x, x_rec, posterior, pixel_loss='l1', pixel_weight=1.0, perceptual_weight=0.0, kl_weight=0.0,
+                kl_standard=True, kl_target_std=1e-3, perceptual=None):
+    """-> (loss, nll, terms). nll = per-sample sum of pixel_weight x |x - x_rec| (or its square) +
+    perceptual_weight x LPIPS broadcast onto all 3HW values, mean over the batch; loss = nll + kl_weight
+    x KL (to N(0, I), or the VMAE's variance-only KL with kl_standard=False) summed over latents per
+    sample. The adversarial term is the trainer's, because its weight needs the graph. Logged terms are
+    per-value means (rec, lpips), to read beside the VMAE's, and the per-sample KL."""
+    error = (x_rec.float() - x.float()).abs()
+    error = error.pow(2) if pixel_loss == 'mse' else error
+    per_sample = error[0].numel()  # 3HW
+    terms = {'rec': error.mean()}
+    nll = pixel_weight * error.sum() / len(x)
+    if perceptual_weight > 0:
+        terms['lpips'] = perceptual(x_rec, x).float().mean()
+        nll = nll + perceptual_weight * per_sample * terms['lpips']
+    loss = nll
+    if kl_weight > 0:
+        terms['kl'] = posterior.kl(kl_target_std, kl_standard).flatten(1).sum(1).mean()
+        loss = loss + kl_weight * terms['kl']
+    return loss, nll, terms
+
+
+def generator_loss(logits_fake):
+    """The autoencoder's adversarial term: raise D's logits on its reconstructions."""
+    return -logits_fake.float().mean()
 
 class NLayerDiscriminator(nn.Module):
     """PatchGAN: a map of real/fake logits, one per 70x70 patch ((B, 1, 30, 30) at 256 px). Layout,
@@ -279,7 +306,7 @@ def discriminator_init(m):
 def hinge_d_loss(logits_real, logits_fake):
     """Discriminator hinge loss: pushes real logits above +1 and fake ones below -1, and stops pushing
     once they are there (no reward for ever larger margins, unlike the log loss)."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
 
 
 def adaptive_weight(nll_loss, g_loss, last_layer, max_weight=1e4):

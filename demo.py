@@ -44,7 +44,7 @@ def main():
     stage("1/5 train the VMAE: decoder fine-tuning", train_vmae,
           ['configs/vmae_small_stage3.py', '--init_from', stage1_ckpt, '--out_dir', os.path.dirname(vmae_ckpt)])
     stage("2/5 extract latents and train the DiT", train_dit,
-          ['configs/dit_small.py', '--vmae', vmae_ckpt, '--out_dir', os.path.dirname(dit_ckpt)])
+          ['configs/dit_small.py', '--autoencoder', vmae_ckpt, '--out_dir', os.path.dirname(dit_ckpt)])
 
     print("\n== 3/5 sample every class ==")
     grid = os.path.join(OUT, 'samples.png')
@@ -55,7 +55,7 @@ def main():
     print("\n== 4/5 reconstructions of held-out images, against a thumbnail of the latent's size ==")
     recon = {}
     for name, ckpt in (('stage 1', stage1_ckpt), ('stage 3', vmae_ckpt)):
-        flags = ['--vmae', ckpt, '--data', 'builtin', '--num_images', str(NUM_HELD_OUT), '--no_rfid', '--no_lpips', '--num_workers', '0']
+        flags = ['--autoencoder', ckpt, '--data', 'builtin', '--num_images', str(NUM_HELD_OUT), '--no_rfid', '--no_lpips', '--num_workers', '0']
         print(f"$ python evaluate.py recon {' '.join(flags)}")
         evaluate.main(['recon', *flags])
         with open(ckpt + '.recon.json') as f:

@@ -1,6 +1,7 @@
 """
-Evaluation: ADM-compatible FID / sFID / IS / precision / recall in plain PyTorch, reconstruction
-metrics of a VMAE, and the paper's latent analyses (section 5: smoothness, perceptual compression).
+Evaluation: ADM-compatible FID / sFID / IS / precision / recall in plain PyTorch, reconstruction metrics
+of any autoencoder (a VMAE or a convolutional baseline), and the paper's latent analyses (section 5:
+smoothness, perceptual compression).
 
 Generation metrics reproduce OpenAI's guided-diffusion evaluator (TensorFlow) without TensorFlow: the
 FID Inception-v3 of the TF graph (inception.py) and the metrics as ADM defines them (metrics.py).
@@ -12,10 +13,10 @@ Usage:
     python evaluate.py fid VIRTUAL_imagenet256_labeled.npz samples.npz  # FID, sFID, IS, precision, recall
     torchrun --nproc_per_node 8 evaluate.py fid REF.npz samples.npz     # Inception features sharded over GPUs
     python evaluate.py fid ref_images/ sample_images/ --image_size 256  # folders (ADM centre crop to 256)
-    python evaluate.py recon --vmae vmae.pt --data imagenet/val         # L1, MSE, PSNR, SSIM, LPIPS, rFID
-    python evaluate.py recon --vmae vmae.pt --data builtin --no_rfid --no_lpips   # offline, no weights
-    python evaluate.py smoothness --vmae vmae.pt --data imagenet/val --latent_stats dit.pt
-    python evaluate.py compression --vmae vmae.pt --data ADE/images --masks ADE/annotations
+    python evaluate.py recon --autoencoder vmae.pt --data imagenet/val     # L1, MSE, PSNR, SSIM, LPIPS, rFID
+    python evaluate.py recon --autoencoder sdvae.pt --data builtin --no_rfid --no_lpips   # offline, no weights
+    python evaluate.py smoothness --autoencoder vmae.pt --data imagenet/val --latent_stats dit.pt
+    python evaluate.py compression --autoencoder vmae.pt --data ADE/images --masks ADE/annotations
     python evaluate.py solvers --dit dit.pt                             # Euler vs Heun against a fine reference
     python evaluate.py recognition --dit dit.pt --data builtin          # do samples show their class?
 `python evaluate.py REF SAMPLES` (without `fid`) also works. Inception weights: --inception PATH,
@@ -42,13 +43,13 @@ import dit
 import fileio
 from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, evaluate_reconstruction, heun_match, measure_latent_std,
                       plot_smoothness, plot_solvers, recognition_study, solver_study, thumbnail_side, train_classifier)
-from autoencoders import load_generator
+from autoencoders import load_autoencoder, load_generator
 from common import exact_fp32, gather_shards, print0, seeded_noise, shard_bounds
 from data import BUILTIN_CLASSES, IMG_EXTENSIONS, BuiltinShapes, build_dataset, center_crop_arr, open_rgb
 from dit import read_latent_stats
 from inception import FID_WEIGHTS_SHA256_PREFIX, inception_weights_path, load_inception
 from metrics import METRIC_LABELS, frechet_distance, inception_score, precision_recall, statistics
-from vmae import load_vmae, lpips_vgg
+from vmae import lpips_vgg
 
 #################################################################################
 #                              Image inputs                                     #
@@ -292,18 +293,18 @@ class FidConfig:
 
 
 @dataclasses.dataclass
-class VmaeConfig:
-    vmae: str = ''                      # VMAE checkpoint (train_vmae.py, or the authors' vmaef8d16.pth); required
+class AutoencoderConfig:
+    autoencoder: str = common.aliases('', 'vmae')  # a VMAE or convolutional checkpoint (train_vmae.py's, the authors'), or a diffusers vae/ folder; required
     data: str = ''                      # image folder (e.g. ImageNet val); recon and smoothness also take 'builtin'; required
-    image_size: int = 0                 # evaluation size; 0: the VMAE's
+    image_size: int = 0                 # evaluation size; 0: the autoencoder's
     num_images: int = 0                 # use only the first N images (0: all)
     device: str = 'auto'                # 'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu', 'cuda'
     batch_size: int = 32                # images per batch, per rank
-    out: str = ''                       # JSON path; '': next to the VMAE checkpoint
+    out: str = ''                       # JSON path; '': next to the autoencoder checkpoint
 
 
 @dataclasses.dataclass
-class ReconConfig(VmaeConfig):
+class ReconConfig(AutoencoderConfig):
     rfid: bool = True                   # rFID (needs the Inception weights; --no_rfid skips it)
     lpips: bool = True                  # LPIPS (needs torchvision's VGG16 weights; --no_lpips skips it)
     num_workers: int = 4                # data-loading processes per rank
@@ -319,14 +320,14 @@ class SmoothnessConfig(ReconConfig):
 
 
 @dataclasses.dataclass
-class CompressionConfig(VmaeConfig):
+class CompressionConfig(AutoencoderConfig):
     masks: str = ''                     # label PNGs named like the images (ADE20K) or CelebAMask-HQ part masks; required
 
 
 @dataclasses.dataclass
 class SamplingConfig:
     dit: str = ''                       # train_dit.py checkpoint; required
-    vmae: str = ''                      # the autoencoder that decodes its latents; '': the one the DiT was trained on
+    autoencoder: str = common.aliases('', 'vmae')  # the autoencoder that decodes its latents; '': the one the DiT was trained on
     num_samples: int = 100              # class-balanced samples (label i % classes), noise from (seed, i)
     cfg_scale: float | None = None      # guidance; default: 4 for class-conditional DiTs, 1 for unconditional ones
     cfg_interval_start: float = 0.1     # no guidance for t below this
@@ -393,11 +394,11 @@ def run_fid(cfg, d):
 
 
 def load_model_and_data(cfg, d):
-    model = load_vmae(cfg.vmae, d.device, cfg.image_size or None)
+    model = load_autoencoder(cfg.autoencoder, d.device, cfg.image_size or None)
     dataset = build_dataset(cfg.data, model.img_size, train=False, split='val')
     if cfg.num_images:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg.num_images, len(dataset))))
-    print0(f"VMAE {cfg.vmae} at {model.img_size} px; {len(dataset)} images from {cfg.data} (ADM centre crop"
+    print0(f"{type(model).__name__} {cfg.autoencoder} at {model.img_size} px; {len(dataset)} images from {cfg.data} (ADM centre crop"
            f"{'' if cfg.data == 'builtin' else '; the authors evaluate_tokenizer.py used Resize + CenterCrop instead'})")
     return model, dataset
 
@@ -418,12 +419,12 @@ def run_recon(cfg, d):
     if not d.master:
         return
     metrics, thumbnail = results[0.0], results['thumbnail']
-    print_table(['metric', 'VMAE', f'{side}x{side} thumbnail'],
+    print_table(['metric', type(model).__name__, f'{side}x{side} thumbnail'],
                 [[METRIC_LABELS[k], format_value(v), format_value(thumbnail[k]) if k in thumbnail else ''] for k, v in metrics.items()])
     print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} vs {latent_numbers})")
     if thumbnail['exact']:
         print(f"(its PSNR is infinite: it copies {thumbnail['exact']} flat images exactly)")
-    write_results(cfg.out or cfg.vmae + '.recon.json', {**metrics, 'data': cfg.data, 'n_images': len(dataset), 'image_size': model.img_size,
+    write_results(cfg.out or cfg.autoencoder.rstrip('/') + '.recon.json', {**metrics, 'data': cfg.data, 'n_images': len(dataset), 'image_size': model.img_size,
                                                        'latent_numbers': latent_numbers, 'thumbnail': thumbnail}, cfg, inception)
 
 
@@ -435,7 +436,7 @@ def latent_std_for(cfg, model, dataset, d):
         std = measure_latent_std(model, dataset, d, cfg.batch_size, cfg.num_workers, cfg.seed)
         source = f"measured on posterior samples of the {len(dataset)} evaluated images"
     if len(std) != model.latent_dim:
-        raise ValueError(f"the latent statistics have {len(std)} channels, the VMAE {model.latent_dim}")
+        raise ValueError(f"the latent statistics have {len(std)} channels, the autoencoder {model.latent_dim}")
     print0(f"latent std per channel {source}: " + ' '.join(f'{s:.3g}' for s in std.tolist()))
     return std, source
 
@@ -449,7 +450,7 @@ def run_smoothness(cfg, d):
         return
     names = list(results[cfg.eps[0]])
     print_table(['eps', *[METRIC_LABELS[k] for k in names]], [[f'{e:g}', *[format_value(results[e][k]) for k in names]] for e in cfg.eps])
-    out = cfg.out or cfg.vmae + '.smoothness.json'
+    out = cfg.out or cfg.autoencoder.rstrip('/') + '.smoothness.json'
     write_results(out, {'eps': {f'{e:g}': results[e] for e in cfg.eps}, 'latent_std': std.tolist(), 'latent_std_source': source,
                         'data': cfg.data, 'n_images': len(dataset), 'seed': cfg.seed}, cfg, inception)
     plot_smoothness(results, os.path.splitext(out)[0] + '.png')
@@ -458,19 +459,19 @@ def run_smoothness(cfg, d):
 def run_compression(cfg, d):
     if d.ddp:
         raise ValueError("compression runs in one process (it only encodes): start it with python, not torchrun")
-    model = load_vmae(cfg.vmae, d.device, cfg.image_size or None)
+    model = load_autoencoder(cfg.autoencoder, d.device, cfg.image_size or None)
     results = evaluate_compression(model, cfg.data, SegmentationMasks(cfg.masks), model.img_size, d.device,
                                    cfg.num_images, cfg.batch_size)
     print_table(['features', 'sigma^2', 'rho', 'images with rho'],
                 [[k, format_value(results[k]['sigma2']), format_value(results[k]['rho']), results[k]['n_rho']] for k in ('latent', 'pixel')])
-    write_results(cfg.out or cfg.vmae + '.compression.json', {**results, 'data': cfg.data, 'masks': cfg.masks,
+    write_results(cfg.out or cfg.autoencoder.rstrip('/') + '.compression.json', {**results, 'data': cfg.data, 'masks': cfg.masks,
                                                              'image_size': model.img_size}, cfg)
 
 
 def run_solvers(cfg, d):
     if d.ddp:
         raise ValueError("solvers runs in one process: start it with python, not torchrun")
-    model, stats, autoencoder = load_generator(cfg.dit, cfg.vmae, cfg.latent_stats, 'ema', d.device)
+    model, stats, autoencoder = load_generator(cfg.dit, cfg.autoencoder, cfg.latent_stats, 'ema', d.device)
     guidance = dict(cfg_scale=dit.guidance_scale(model, cfg.cfg_scale), cfg_interval_start=cfg.cfg_interval_start,
                     cfg_channels=cfg.cfg_channels or None, shift=cfg.shift)
     size = model.model_args['input_size']
@@ -498,7 +499,7 @@ def run_recognition(cfg, d):
         raise ValueError("recognition runs in one process: start it with python, not torchrun")
     if cfg.data != 'builtin' and not cfg.held_out:
         raise ValueError("evaluate.py recognition on a folder needs --held_out: real images of the same classes that --data does not hold")
-    model, stats, autoencoder = load_generator(cfg.dit, cfg.vmae, '', 'ema', d.device)
+    model, stats, autoencoder = load_generator(cfg.dit, cfg.autoencoder, '', 'ema', d.device)
     if model.num_classes < 2:
         raise ValueError(f"{cfg.dit} is an unconditional DiT: its samples have no class to recognise")
     size = autoencoder.img_size
@@ -533,11 +534,11 @@ class Command:
 
 COMMANDS = {
     'fid': Command(FidConfig, run_fid, (), 'ADM-compatible FID, sFID, IS, precision and recall of SAMPLES against REF.'),
-    'recon': Command(ReconConfig, run_recon, ('vmae', 'data'),
-                     'Reconstruction metrics of a VMAE from the posterior mean: L1, MSE, PSNR, SSIM, LPIPS, rFID.'),
-    'smoothness': Command(SmoothnessConfig, run_smoothness, ('vmae', 'data'),
+    'recon': Command(ReconConfig, run_recon, ('autoencoder', 'data'),
+                     'Reconstruction metrics of an autoencoder from the posterior mean: L1, MSE, PSNR, SSIM, LPIPS, rFID.'),
+    'smoothness': Command(SmoothnessConfig, run_smoothness, ('autoencoder', 'data'),
                           'Latent smoothness (Fig. 6): reconstruction metrics from latents perturbed by eps x channel std x N(0, I).'),
-    'compression': Command(CompressionConfig, run_compression, ('vmae', 'data', 'masks'),
+    'compression': Command(CompressionConfig, run_compression, ('autoencoder', 'data', 'masks'),
                            'Perceptual compression (Fig. 7): within-segment variance and disentanglement of latents vs pixels.'),
     'solvers': Command(SolversConfig, run_solvers, ('dit',),
                        'Sampler accuracy: Euler and Heun at several step counts against a fine reference, same noise.'),
@@ -547,8 +548,8 @@ COMMANDS = {
 
 
 def check_config(cfg):
-    """Settings that would run but make no sense, refused before any work; 0 keeps its meaning (the VMAE's
-    size, all images). A VMAE command's image size must give whole 8 x 8 patches."""
+    """Settings that would run but make no sense, refused before any work; 0 keeps its meaning (the
+    autoencoder's size, all images). An autoencoder command's image size must give whole latents (f8)."""
     if isinstance(cfg, FidConfig):
         return common.check_settings(cfg, at_least={'batch_size': 1, 'image_size': 1}, zero_ok=('image_size',))
     if isinstance(cfg, SamplingConfig):

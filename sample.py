@@ -8,7 +8,7 @@ A grid of one class (the default checkpoints: out/dit/last.pt and the VMAE it wa
 $ python sample.py --class 130
 Several classes, own paths, the authors' checkpoints (their DiT needs their latents_stats.pt):
 $ python sample.py --class 1 88 250 --dit out/dit_imagenet/last.pt --n 8
-$ python sample.py --class 130 --dit 0100000.pt --latent_stats latents_stats.pt --vmae vmaef8d16.pth
+$ python sample.py --class 130 --dit 0100000.pt --latent_stats latents_stats.pt --autoencoder vmaef8d16.pth
 50k class-balanced samples for the ADM evaluator (resumable; the same images whatever the number of GPUs):
 $ torchrun --standalone --nproc_per_node=8 sample.py --dit out/dit_imagenet/last.pt --num_fid_samples 50000
 The paper's sampler (guidance on latent channels 0-2 only, scale 10) for its FID numbers:
@@ -33,7 +33,7 @@ import fileio
 @dataclasses.dataclass
 class Config:
     dit: str = 'out/dit/last.pt'   # train_dit.py checkpoint or the authors' LightningDiT .pt
-    vmae: str = ''                 # VMAE checkpoint (default: the one the DiT was trained on)
+    autoencoder: str = common.aliases('', 'vmae')  # VMAE or convolutional checkpoint (default: the one the DiT was trained on)
     latent_stats: str = ''         # per-channel latent mean/std for a DiT checkpoint without them (the authors' latents_stats.pt)
     classes: tuple[int, ...] = common.aliases((), 'class')  # class indices for the grid (omit for unconditional models)
     n: int = 8                     # samples per class in the grid
@@ -78,7 +78,7 @@ def main(args):
 def load_models(args, device):
     """The DiT (EMA or raw weights), its latent statistics, the autoencoder that decodes its latents and
     the class names (autoencoders.load_generator). Also settles the default guidance scale."""
-    model, stats, autoencoder = autoencoders.load_generator(args.dit, args.vmae, args.latent_stats, args.weights, device)
+    model, stats, autoencoder = autoencoders.load_generator(args.dit, args.autoencoder, args.latent_stats, args.weights, device)
     args.cfg_scale = dit.guidance_scale(model, args.cfg_scale)
     return model, stats, autoencoder, model.meta.get('classes')
 

@@ -1,18 +1,21 @@
 """
-Train the DiT on VMAE latents: extract the latents once, then rectified-flow training.
+Train the DiT on an autoencoder's latents: extract the latents once, then rectified-flow training.
 
 1. Extraction (skipped when out_dir/latents is complete; resumable; sharded over ranks): every image
-   is centre-cropped and encoded with the VMAE, and the posterior moments (mean || log-variance) of
-   the image and of its mirror are stored in a memory-mapped array with the labels, as the authors
-   did. Per-channel mean/std are measured on 10k posterior samples.
-2. Training: each item takes the image or its mirror (p = 1/2) and a fresh posterior sample,
+   is centre-cropped and encoded with the autoencoder (a VMAE or a convolutional baseline), and the
+   posterior moments (mean || log-variance) of the image and of its mirror are stored in a
+   memory-mapped array with the labels, as the authors did. Per-channel mean/std are measured on 10k
+   latents.
+2. Training: each item takes the image or its mirror (p = 1/2) and its latent: a fresh posterior
+   sample for a VMAE, the posterior mean for a convolutional model (the authors' choices; --posterior),
    standardised by those statistics; the DiT learns the velocity of the straight path from noise.
    AdamW at a constant lr, EMA from step 0; checkpoints carry the latent statistics.
 
 On a CPU, the small models on the built-in dataset (a few minutes; needs a trained VMAE-small):
-$ python train_dit.py configs/dit_small.py --vmae out/vmae_small/last.pt
-ImageNet, DiT-B/1, 8 GPUs (the paper: batch 1024, 100k steps):
-$ torchrun --standalone --nproc_per_node=8 train_dit.py configs/dit_imagenet.py --data /data/imagenet/train --vmae out/vmae_stage3/last.pt
+$ python train_dit.py configs/dit_small.py --autoencoder out/vmae_small/last.pt
+ImageNet, DiT-B/1, 8 GPUs (the paper: batch 1024, 100k steps), on the VMAE or on a baseline:
+$ torchrun --standalone --nproc_per_node=8 train_dit.py configs/dit_imagenet.py --data /data/imagenet/train --autoencoder out/vmae_stage3/last.pt
+$ torchrun --standalone --nproc_per_node=8 train_dit.py configs/dit_imagenet.py --data /data/imagenet/train --autoencoder out/sdvae/last.pt --out_dir out/dit_sdvae
 Multi-node as in train_vmae.py; continue a stopped run with the same command plus --resume.
 """
 
@@ -25,11 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import autoencoders
 import common
 import data
 import dit
 import fileio
-import vmae
 
 
 @dataclasses.dataclass
@@ -37,7 +40,8 @@ class Config:
     # data, autoencoder and output
     data: str = 'builtin'          # image folder (class subfolders, or flat = unconditional) or 'builtin'
     image_size: int = 256
-    vmae: str = ''                 # VMAE checkpoint (train_vmae.py's last.pt or the authors' vmaef8d16.pth)
+    autoencoder: str = common.aliases('', 'vmae')  # train_vmae.py's last.pt, the authors' vmaef8d16.pth, a diffusers vae/ folder
+    posterior: str = 'auto'        # the latent: sample (VMAE), mode (convolutional models), or auto: as the authors per model
     out_dir: str = 'out/dit'
     latents: str = ''              # where the latents live ('' = out_dir/latents); share it between runs
     latent_dtype: str = 'float32'  # float32 as the authors; float16 halves the disk (ImageNet: 335 GB -> 168 GB)
@@ -73,12 +77,12 @@ class Config:
 
 
 def check_config(cfg):
-    """Settings that would run but make no sense, refused before any work. The image size must give the VMAE
-    (8 x 8 patches) whole latents."""
+    """Settings that would run but make no sense, refused before any work. The image size must give the
+    autoencoder (downsampling by 8) whole latents."""
     if cfg.model not in dit.DiT_models:
         raise ValueError(f"unknown model '{cfg.model}': choose one of {list(dit.DiT_models)}")
     common.check_settings(
-        cfg, choices={'dtype': ('bf16', 'fp16', 'fp32'), 'latent_dtype': ('float32', 'float16')},
+        cfg, choices={'dtype': ('bf16', 'fp16', 'fp32'), 'latent_dtype': ('float32', 'float16'), 'posterior': ('auto', 'sample', 'mode')},
         at_least={'image_size': 8, 'extract_batch_size': 1, 'class_dropout_prob': 0, 'batch_size': 1, 'micro_batch_size': 1,
                   'beta1': 0, 'beta2': 0, 'weight_decay': 0, 'grad_clip': 0, 'ema_decay': 0, 'max_steps': 1, 'num_workers': 0,
                   'seed': 0, 'log_every': 1, 'ckpt_every': 1, 'keep_every': 0, 'sample_every': 1, 'sample_steps': 2},
@@ -96,16 +100,19 @@ def main(cfg):
     latent_dir = cfg.latents or os.path.join(cfg.out_dir, 'latents')
     resume_from = common.read_run_checkpoint(last_path, 'dit') if cfg.resume else None  # a wrong file fails before any work
 
-    # 1. latents (the VMAE is needed to extract them and to decode the sample grids)
-    vmae_path = cfg.vmae or read_meta(latent_dir).get('vmae', '')
-    if not vmae_path:
-        raise ValueError("no VMAE given: pass --vmae (a train_vmae.py checkpoint or the authors' vmaef8d16.pth)")
-    autoencoder = vmae.load_vmae(vmae_path, device, img_size=cfg.image_size)
-    source = {'data': cfg.data, 'image_size': cfg.image_size, 'vmae_sha256': fileio.file_sha256(vmae_path)}
+    # 1. latents (the autoencoder is needed to extract them and to decode the sample grids)
+    ae_path = cfg.autoencoder or read_meta(latent_dir).get('autoencoder', '')
+    if not ae_path:
+        raise ValueError("no autoencoder given: pass --autoencoder (a train_vmae.py checkpoint, the authors' vmaef8d16.pth, "
+                         "or a diffusers vae/ folder)")
+    kind = autoencoders.autoencoder_kind(ae_path)
+    autoencoder = autoencoders.load_autoencoder(ae_path, device, img_size=cfg.image_size)
+    posterior = cfg.posterior if cfg.posterior != 'auto' else 'sample' if kind == 'vmae' else 'mode'
+    source = {'data': cfg.data, 'image_size': cfg.image_size, 'autoencoder_sha256': fileio.file_sha256(ae_path), 'posterior': posterior}
     meta = read_meta(latent_dir)
     check_latents_match(meta, source, latent_dir)
     if not meta.get('complete'):
-        meta = extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist)
+        meta = extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist)
     dataset = LatentDataset(latent_dir, meta)
     stats = {k: torch.tensor(meta[k], device=device) for k in ('mean', 'std')}
 
@@ -142,7 +149,9 @@ def main(cfg):
         for micro, (moments, y) in enumerate(micro_batches):
             moments, y = moments.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
             mean, logvar = moments.chunk(2, dim=1)
-            x1 = dit.standardise(mean + torch.exp(0.5 * logvar) * torch.randn_like(mean), stats)  # a fresh posterior sample
+            if posterior == 'sample':  # a fresh posterior sample each time the item is drawn
+                mean = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            x1 = dit.standardise(mean, stats)
             if dist.ddp:  # all-reduce the gradients only once, after the last micro-batch
                 train_model.require_backward_grad_sync = micro == accum - 1
             with ctx:
@@ -168,7 +177,8 @@ def main(cfg):
         if dist.master and (step % cfg.ckpt_every == 0 or last):
             ckpt = dit.dit_checkpoint(model, ema, {k: v.cpu() for k, v in stats.items()}, optimizer=optimizer.state_dict(),
                                       scaler=scaler.state_dict(), step=step, classes=meta['classes'],
-                                      config={**dataclasses.asdict(cfg), 'vmae': os.path.abspath(vmae_path), 'vmae_sha256': meta['vmae_sha256']})
+                                      config={**dataclasses.asdict(cfg), 'autoencoder': os.path.abspath(ae_path),
+                                              'autoencoder_sha256': meta['autoencoder_sha256'], 'posterior': posterior})
             common.save_run_checkpoint(ckpt, cfg.out_dir, step, cfg.keep_every)
     log.close()
     say(f"done: {last_path}")
@@ -205,7 +215,8 @@ def read_meta(latent_dir):
 
 
 def check_latents_match(meta, source, latent_dir):
-    """Latents already in latent_dir (complete or not) must come from this run's data, size and VMAE."""
+    """Latents already in latent_dir (complete or not) must come from this run's data, size, autoencoder
+    and posterior choice."""
     wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in source.items() if meta and meta.get(k) != v]
     if wrong:
         raise ValueError(f"the latents in {latent_dir} were made with another {', '.join(wrong)}: "
@@ -213,14 +224,14 @@ def check_latents_match(meta, source, latent_dir):
 
 
 @torch.no_grad()
-def extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist):
+def extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist):
     """Encode every image and its mirror into latent_dir/latents.npy (N, 2, 2C, h, w), sharded over
     the ranks and resumable (common.ShardedArrays)."""
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=False, flip=False)
     n, bs = len(dataset), cfg.extract_batch_size
     grid, channels = autoencoder.grid, 2 * autoencoder.latent_dim
     meta = read_meta(latent_dir) or {
-        **source, 'vmae': os.path.abspath(vmae_path), 'num_items': n, 'num_classes': dataset.num_classes,
+        **source, 'autoencoder': os.path.abspath(ae_path), 'num_items': n, 'num_classes': dataset.num_classes,
         'classes': dataset.classes, 'shape': [2, channels, grid, grid], 'dtype': cfg.latent_dtype, 'complete': False}
     if dist.master and not os.path.isfile(os.path.join(latent_dir, 'meta.json')):
         os.makedirs(latent_dir, exist_ok=True)
@@ -236,22 +247,22 @@ def extract_latents(autoencoder, cfg, source, vmae_path, latent_dir, dist):
         moments = torch.stack([torch.cat([p.mean, p.logvar], dim=1) for p in both], dim=1)  # (B, 2, 2C, h, w)
         store.write(b, latents=moments.cpu().numpy(), labels=y.numpy())
     if store.finish():
-        meta.update(latent_statistics(store.arrays['latents'], cfg.seed), complete=True)
+        meta.update(latent_statistics(store.arrays['latents'], cfg.seed, source['posterior'] == 'sample'), complete=True)
         fileio.write_json(os.path.join(latent_dir, 'meta.json'), meta)
     common.barrier()
     return read_meta(latent_dir)
 
 
-def latent_statistics(latents, seed, num=10_000, chunk=1000):
-    """Per-channel mean and (unbiased) std of one posterior sample of each of `num` random unflipped
-    latents, as the authors measured them, in float64."""
+def latent_statistics(latents, seed, sample=True, num=10_000, chunk=1000):
+    """Per-channel mean and (unbiased) std of one posterior sample (or the mean, sample=False) of each of
+    `num` random unflipped latents, as the authors measured them, in float64."""
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(len(latents), size=min(num, len(latents)), replace=False))
     stats = dit.LatentStats(latents.shape[2] // 2)
     for start in range(0, len(index), chunk):
         moments = np.asarray(latents[index[start:start + chunk], 0], dtype=np.float64)  # (n, 2C, h, w)
         mean, logvar = np.split(moments, 2, axis=1)
-        stats.add(torch.from_numpy(mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)))
+        stats.add(torch.from_numpy(mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape) if sample else mean))
     return {k: v.tolist() for k, v in stats.result().items()}
 
 #################################################################################

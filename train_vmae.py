@@ -1,8 +1,9 @@
 """
-Train the VMAE: stage 1 (masked VAE pre-training at 128 px) and stage 3 (fine-tuning at 256 px).
+Train an autoencoder: the VMAE's stage 1 (masked VAE pre-training at 128 px) and stage 3 (fine-tuning at
+256 px), and the paper's convolutional baselines (AE, DAE, VAE, SD-VAE with its PatchGAN; convae.py).
 
-The defaults reproduce the authors' stage-1 run; configs/ holds one file per stage. Any setting
-can be overridden: `python train_vmae.py [config files...] --name value`.
+The defaults reproduce the authors' stage-1 run; configs/ holds one file per stage or baseline. Any
+setting can be overridden: `python train_vmae.py [config files...] --name value`.
 
 On a CPU, the small preset on the built-in dataset (a few minutes):
 $ python train_vmae.py configs/vmae_small.py
@@ -16,6 +17,9 @@ Stage 3 (256 px, no mask, posterior mean, MSE + 10 x LPIPS, decoder only), from 
 $ torchrun --standalone --nproc_per_node=8 train_vmae.py configs/vmae_stage3.py --data /data/imagenet/train --init_from out/vmae_stage1/last.pt
 Continue a run that stopped (same command plus --resume):
 $ python train_vmae.py configs/vmae_small.py --resume
+The baselines, e.g. SD-VAE (L1 + LPIPS + KL + PatchGAN) on ImageNet, or the small AE on a CPU:
+$ torchrun --standalone --nproc_per_node=8 train_vmae.py configs/sdvae_imagenet.py --data /data/imagenet/train
+$ python train_vmae.py configs/ae_small.py
 """
 
 import copy
@@ -26,6 +30,7 @@ import os
 import torch
 
 import common
+import convae
 import data
 import metrics
 import vmae
@@ -38,19 +43,23 @@ class Config:
     image_size: int = 128
     out_dir: str = 'out/vmae'
     # model
-    model: str = 'VMAE-f8d16'      # a key of vmae.VMAE_models
+    model: str = 'VMAE-f8d16'      # a key of vmae.VMAE_models or convae.ConvAE_models (the baselines)
     init_from: str = ''            # start from these weights (stage 3: the stage-1 last.pt; the authors' files work too)
     # objective, Eq. 2 (defaults: the authors' stage 1)
     mask_ratio: float = 0.25
     sample_posterior: bool = True  # decode a posterior sample (stage 1) or the mean (stage 3)
     mask_weight: float = 0.5
-    visible_weight: float = 0.5
+    visible_weight: float = 0.5    # the pixel loss's weight on visible patches (every pixel, without a mask)
     perceptual_weight: float = 0.5
     kl_weight: float = 1e-6
     kl_target_std: float = 1e-3
-    kl_standard: bool = False      # textbook VAE KL instead (the VAE baseline)
-    input_noise_std: float = 0.0   # > 0: the denoising-autoencoder baseline (noise on the input, clean target)
-    train_encoder: bool = True     # False: freeze the encoder and to_latent (stage 3 as the paper describes)
+    kl_standard: bool = False      # textbook VAE KL to N(0, I) instead (the VAE and SD-VAE baselines)
+    input_noise_std: float = 0.0   # > 0: a denoising autoencoder (noise on the input, clean target)
+    train_encoder: bool = True     # False: freeze the encoder (stage 3 as the paper describes)
+    # the convolutional baselines (paper App. A): LDM's summed losses, and SD-VAE's PatchGAN
+    pixel_loss: str = 'mse'        # mse, or l1 (SD-VAE); a VMAE's is mse
+    disc_weight: float = 0.0       # > 0: SD-VAE's adversarial loss, scaled by the adaptive weight (ConvAE only)
+    disc_start: int = 50001        # optimizer step at which the discriminator switches on (LDM's kl-f8)
     # optimisation (lr = blr x batch_size / 256)
     batch_size: int = 2048         # global batch per optimizer step; micro-batches x ranks x accumulation
     micro_batch_size: int = 128    # per rank per forward pass
@@ -80,15 +89,20 @@ class Config:
 
 
 def check_config(cfg):
-    """Settings that would run but make no sense, refused before any work. Every VMAE preset has 8 x 8 patches."""
-    if cfg.model not in vmae.VMAE_models:
-        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(vmae.VMAE_models)}")
+    """Settings that would run but make no sense, refused before any work. Every preset downsamples by 8."""
+    if cfg.model not in {**vmae.VMAE_models, **convae.ConvAE_models}:
+        raise ValueError(f"unknown model '{cfg.model}': choose one of {list(vmae.VMAE_models) + list(convae.ConvAE_models)}")
+    if is_convolutional(cfg) and cfg.mask_ratio > 0:
+        raise ValueError(f"{cfg.model} is convolutional and cannot drop patches: set --mask_ratio 0")
+    if not is_convolutional(cfg) and (cfg.pixel_loss != 'mse' or cfg.disc_weight > 0):
+        raise ValueError(f"{cfg.model} is a VMAE: --pixel_loss l1 and --disc_weight are for the convolutional baselines")
     common.check_settings(
-        cfg, choices={'dtype': ('bf16', 'fp16', 'fp32')},
+        cfg, choices={'dtype': ('bf16', 'fp16', 'fp32'), 'pixel_loss': ('mse', 'l1')},
         at_least={'image_size': 8, 'mask_ratio': 0, 'mask_weight': 0, 'visible_weight': 0, 'perceptual_weight': 0, 'kl_weight': 0,
                   'input_noise_std': 0, 'batch_size': 1, 'micro_batch_size': 1, 'min_lr': 0, 'warmup_epochs': 0, 'stop_epoch': 0,
                   'weight_decay': 0, 'beta1': 0, 'beta2': 0, 'grad_clip': 0, 'num_workers': 0, 'seed': 0, 'log_every': 1,
-                  'ckpt_every': 1, 'keep_every': 0, 'image_every': 1, 'max_steps': 0, 'warmup_steps': 0},
+                  'ckpt_every': 1, 'keep_every': 0, 'image_every': 1, 'max_steps': 0, 'warmup_steps': 0, 'disc_weight': 0,
+                  'disc_start': 0},
         multiple_of={'image_size': 8}, above={'kl_target_std': 0, 'blr': 0, 'epochs': 0},
         below={'mask_ratio': 1, 'beta1': 1, 'beta2': 1})
 
@@ -101,10 +115,12 @@ def main(cfg):
     say = common.print0
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
+    convolutional = is_convolutional(cfg)
+    kind = 'convae' if convolutional else 'vmae'
 
     # read the checkpoints first, so a wrong file fails before the data scan
-    resume_from = common.read_run_checkpoint(last_path, 'vmae') if cfg.resume else None
-    init_weights = vmae.read_vmae(cfg.init_from)[1] if cfg.init_from and not cfg.resume else None
+    resume_from = common.read_run_checkpoint(last_path, kind) if cfg.resume else None
+    init_weights = read_weights(cfg.init_from, convolutional) if cfg.init_from and not cfg.resume else None
     perceptual = vmae.lpips_vgg().to(device) if cfg.perceptual_weight > 0 else None  # offline without VGG16: stop now
 
     # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
@@ -122,52 +138,83 @@ def main(cfg):
 
     # model: the mask token exists only when masking is on, so DDP sees no unused parameters
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = vmae.VMAE_models[cfg.model](img_size=cfg.image_size, mask_token=cfg.mask_ratio > 0)
+    model = build_model(cfg)
     if init_weights is not None:
         model.load_weights(init_weights)
     if not cfg.train_encoder:
-        for module in (model.patch_embed, model.blocks, model.norm, model.to_latent):
+        for module in encoder_modules(model):
             module.requires_grad_(False)
     model.to(device)
     optimizer = make_optimizer(model, lr, cfg)
+    # SD-VAE's PatchGAN: its own Adam at the same rate; it learns only from step disc_start on
+    disc = convae.NLayerDiscriminator().to(device) if cfg.disc_weight > 0 else None
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2)) if disc else None
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
         f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
-        f"{cfg.batch_size} per step | lr {lr:.3g} | {stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {cfg.dtype}")
+        f"{cfg.batch_size} per step | lr {lr:.3g} | {stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {cfg.dtype}"
+        + (f" | PatchGAN from step {cfg.disc_start}" if disc else ""))
     ctx, scaler = common.mixed_precision(device, cfg.dtype)
     step = 0
     if resume_from is not None:
         model.load_weights(resume_from['model'])
+        if disc:
+            disc.load_state_dict(resume_from['discriminator'])
+            disc_optimizer.load_state_dict(resume_from['disc_optimizer'])
         step = common.restore_run(resume_from, optimizer, scaler, cfg, last_path)
         del resume_from  # the optimizer state it holds is large
     train_model = common.wrap_for_training(model, cfg.compile, dist)
+    train_disc = common.wrap_for_training(disc, cfg.compile, dist) if disc else None
 
     log = common.RunLog(cfg.out_dir, dist.master, step, stop_step)
-    meter = common.Meter(['loss', 'mse_masked', 'mse_visible', 'lpips', 'kl'], device)
-    logged = ['loss', 'mse_visible'] + (['mse_masked'] if cfg.mask_ratio > 0 else []) + \
-        (['lpips'] if weights.perceptual > 0 else []) + (['kl'] if weights.kl > 0 else [])
+    meter = common.Meter(['loss', 'mse_masked', 'mse_visible', 'rec', 'lpips', 'kl', 'g_loss', 'd_weight', 'd_loss'], device)
+    logged = ['loss'] + (['rec'] if convolutional else ['mse_visible'] + (['mse_masked'] if cfg.mask_ratio > 0 else [])) + \
+        (['lpips'] if weights.perceptual > 0 else []) + (['kl'] if weights.kl > 0 else []) + (['g_loss', 'd_weight', 'd_loss'] if disc else [])
     model.train()
     for step, micro_batches in data.step_batches(loader, sampler, step, steps_per_epoch, accum):
         if step >= stop_step:
             break
         torch.manual_seed(common.seed_for(cfg.seed, dist.rank, step))  # masks and posterior noise follow (seed, rank, step): resume is exact
+        gan_factor = convae.disc_factor_at(step, cfg.disc_start) if disc else 0.0
         for micro, (x, _) in enumerate(micro_batches):
             x = x.to(device, non_blocking=True)
             if dist.ddp:  # all-reduce the gradients only once, after the last micro-batch
                 train_model.require_backward_grad_sync = micro == accum - 1
+                if disc:
+                    train_disc.require_backward_grad_sync = micro == accum - 1
             with ctx:
-                noisy = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
-                recon, mask, posterior = train_model(noisy, cfg.mask_ratio, cfg.sample_posterior)
-                loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
+                inputs = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
+                if convolutional:
+                    recon, posterior = train_model(inputs, cfg.sample_posterior)
+                    loss, nll, terms = convae.convae_loss(x, recon, posterior, cfg.pixel_loss, weights.visible, weights.perceptual,
+                                                          weights.kl, weights.kl_standard, weights.kl_target_std, perceptual)
+                else:
+                    recon, mask, posterior = train_model(inputs, cfg.mask_ratio, cfg.sample_posterior)
+                    loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
+                if gan_factor > 0:  # the generator's side: D frozen, its gradient scaled to the reconstruction's at the last layer
+                    disc.requires_grad_(False)
+                    terms['g_loss'] = convae.generator_loss(disc(recon))
+                    terms['d_weight'] = cfg.disc_weight * convae.adaptive_weight(nll, terms['g_loss'], model.decoder.conv_out.weight)
+                    loss = loss + terms['d_weight'] * gan_factor * terms['g_loss']
             scaler.scale(loss / accum).backward()
+            if gan_factor > 0:  # the discriminator's side, on detached images, real and fake in separate calls (BatchNorm)
+                disc.requires_grad_(True)
+                with ctx:
+                    terms['d_loss'] = gan_factor * convae.hinge_d_loss(train_disc(x), train_disc(recon.detach()))
+                scaler.scale(terms['d_loss'] / accum).backward()
             meter.add({'loss': loss, **terms})
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for g in optimizer.param_groups:
-            g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
+        for opt in (optimizer, disc_optimizer) if disc else (optimizer,):
+            for g in opt.param_groups:
+                g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
         scaler.step(optimizer)
+        if gan_factor > 0:
+            scaler.step(disc_optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if disc:
+            disc_optimizer.zero_grad(set_to_none=True)
         step += 1
         log.step(cfg.batch_size)
 
@@ -178,12 +225,37 @@ def main(cfg):
         if dist.master and (step % cfg.image_every == 0 or last):
             log.log(step, {'val_psnr': save_reconstructions(model, val_images, cfg, step)})
         if dist.master and (step % cfg.ckpt_every == 0 or last):
-            ckpt = vmae.vmae_checkpoint(model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                                        config=dataclasses.asdict(cfg))  # the data order and random draws follow (seed, step)
+            # the data order and random draws follow (seed, step), so these states are all a resume needs
+            state = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, config=dataclasses.asdict(cfg))
+            if disc:
+                state.update(discriminator=disc.state_dict(), disc_optimizer=disc_optimizer.state_dict())
+            ckpt = (convae.convae_checkpoint if convolutional else vmae.vmae_checkpoint)(model, **state)
             common.save_run_checkpoint(ckpt, cfg.out_dir, step, cfg.keep_every)
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()
+
+
+def is_convolutional(cfg):
+    return cfg.model in convae.ConvAE_models
+
+
+def build_model(cfg):
+    if is_convolutional(cfg):
+        return convae.ConvAE_models[cfg.model](img_size=cfg.image_size)
+    return vmae.VMAE_models[cfg.model](img_size=cfg.image_size, mask_token=cfg.mask_ratio > 0)
+
+
+def read_weights(path, convolutional):
+    """--init_from: the state dict of a checkpoint of the same family (ours or the authors')."""
+    return (convae.read_convae if convolutional else vmae.read_vmae)(path)[1]
+
+
+def encoder_modules(model):
+    """What --train_encoder false freezes: everything that makes the latents."""
+    if isinstance(model, convae.ConvAE):
+        return (model.encoder,)
+    return model.patch_embed, model.blocks, model.norm, model.to_latent
 
 
 def make_optimizer(model, lr, cfg):

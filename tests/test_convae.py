@@ -290,3 +290,23 @@ def test_tiny_convae_learns():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_baseline_losses_by_hand():
+    """LDM's reductions: sums over each sample's values, means over the batch; LPIPS weighs as 3HW pixels."""
+    x = torch.tensor([[[[0.0, 1.0], [0.5, -1.0]]] * 3, [[[1.0, 1.0], [0.0, 0.0]]] * 3])  # (2, 3, 2, 2)
+    x_rec = x + torch.tensor([0.1, -0.2]).view(2, 1, 1, 1)                                  # errors 0.1 and 0.2 everywhere
+    mean, logvar = torch.tensor([[1.0], [0.0]]).view(2, 1, 1, 1), torch.tensor([[0.0], [math.log(4.0)]]).view(2, 1, 1, 1)
+    posterior = convae.DiagonalGaussian(torch.cat([mean, logvar], 1))
+    loss, nll, terms = convae.convae_loss(x, x_rec, posterior, 'l1')
+    assert nll.item() == pytest.approx((12 * 0.1 + 12 * 0.2) / 2) and loss.item() == nll.item()
+    assert terms['rec'].item() == pytest.approx(0.15) and set(terms) == {'rec'}
+    _, nll, _ = convae.convae_loss(x, x_rec, posterior, 'mse', pixel_weight=2.0)
+    assert nll.item() == pytest.approx(2 * (12 * 0.01 + 12 * 0.04) / 2)
+    lpips = lambda a, b: torch.tensor([0.5, 1.5]).view(2, 1, 1, 1)                        # per-sample perceptual distances
+    loss, nll, terms = convae.convae_loss(x, x_rec, posterior, 'l1', perceptual_weight=0.5, kl_weight=0.1, perceptual=lpips)
+    kl = (0.5 * (1 + 1 - 1 - 0) + 0.5 * (0 + 4 - 1 - math.log(4.0))) / 2                   # 0.5 (mu^2 + var - 1 - log var), batch mean
+    assert terms['lpips'].item() == 1.0 and terms['kl'].item() == pytest.approx(kl)
+    assert nll.item() == pytest.approx(1.8 + 0.5 * 12 * 1.0)
+    assert loss.item() == pytest.approx(nll.item() + 0.1 * kl)
+    assert convae.generator_loss(torch.tensor([[1.0, 3.0]])).item() == -2.0               # raise D's logits on fakes

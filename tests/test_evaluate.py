@@ -502,7 +502,7 @@ def test_cli_errors(tmp_path, capsys, inception_file, vmae_file):
     assert 'uint8' in cli_error(capsys, str(tmp_path / 'float.npz'), good, *flags)
     assert 'not found' in cli_error(capsys, good, good, '--inception', str(tmp_path / 'nope.pth'))
     assert 'not a FID Inception state dict' in cli_error(capsys, good, good, '--inception', vmae_file, '--allow-random-inception')
-    assert 'not a VMAE checkpoint' in cli_error(capsys, 'recon', '--vmae', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')
+    assert 'is not an autoencoder checkpoint' in cli_error(capsys, 'recon', '--vmae', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')
     assert 'does not exist' in cli_error(capsys, 'recon', '--vmae', vmae_file, '--data', str(tmp_path / 'nowhere'))
     assert 'no latent statistics' in cli_error(capsys, 'smoothness', '--vmae', vmae_file, '--data', 'builtin',
                                                '--latent-stats', str(tmp_path / 'not_vmae.pt'), '--no-rfid', '--no-lpips')
@@ -525,7 +525,7 @@ def test_cli_fid_command_and_flag_spellings(tmp_path, inception_file, capsys):
         assert new[name] == old[name]
     assert new['config']['cache'] is False and new['config']['batch_size'] == 3
     capsys.readouterr()  # the runs' progress bars
-    assert '--vmae' in cli_error(capsys, 'recon', '--data', 'builtin')
+    assert '--autoencoder' in cli_error(capsys, 'recon', '--data', 'builtin')
     assert '--masks' in cli_error(capsys, 'compression', '--vmae', str(tmp_path / 'vmae.pt'), '--data', str(tmp_path))
 
 

@@ -95,7 +95,7 @@ def test_authors_dit_with_their_latent_stats(trained, tmp_path):
     torch.save({'mean': stats['mean'].view(1, -1, 1, 1), 'std': stats['std'].view(1, -1, 1, 1)}, tmp_path / 'latents_stats.pt')
     with pytest.raises(ValueError, match='no latent statistics'):
         sample.load_models(sample.parse_args(['--dit', str(tmp_path / 'theirs.pt')]), 'cpu')
-    with pytest.raises(ValueError, match='no VMAE'):
+    with pytest.raises(ValueError, match='no autoencoder to decode with'):
         sample.load_models(sample.parse_args(['--dit', str(tmp_path / 'theirs.pt'), '--latent-stats', str(tmp_path / 'latents_stats.pt')]), 'cpu')
     run_sample('--dit', str(tmp_path / 'theirs.pt'), '--latent-stats', str(tmp_path / 'latents_stats.pt'), '--vmae', str(trained / 'vmae.pt'),
                '--class', '1', '--n', '2', '--steps', '3', '--out', str(tmp_path / 'theirs.png'))

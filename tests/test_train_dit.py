@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
 
 
 def config(setup, out, **overrides):
-    base = dict(data=str(setup / 'images'), image_size=32, vmae=str(setup / 'vmae.pt'), out_dir=str(out),
+    base = dict(data=str(setup / 'images'), image_size=32, autoencoder=str(setup / 'vmae.pt'), out_dir=str(out),
                 latents=str(setup / 'latents'), extract_batch_size=10, model='DiT-T/1', batch_size=8, micro_batch_size=8,
                 lr=1e-3, max_steps=6, dtype='fp32', num_workers=0, device='cpu', log_every=2, ckpt_every=3,
                 sample_every=1000, sample_steps=3)
@@ -101,8 +101,8 @@ def test_latents_of_another_vmae_are_refused(setup, tmp_path):
     train_dit.main(config(setup, tmp_path / 'a', max_steps=1))
     other = vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=False)
     torch.save({'kind': 'vmae', 'version': 1, 'model_args': other.args, 'model': other.state_dict()}, tmp_path / 'other.pt')
-    with pytest.raises(ValueError, match='made with another vmae_sha256'):
-        train_dit.main(config(setup, tmp_path / 'b', vmae=str(tmp_path / 'other.pt')))
+    with pytest.raises(ValueError, match='made with another autoencoder_sha256'):
+        train_dit.main(config(setup, tmp_path / 'b', autoencoder=str(tmp_path / 'other.pt')))
 
 
 def test_latent_dataset_picks_both_views():
@@ -124,7 +124,7 @@ def test_training_checkpoint_resume_and_ema(setup, tmp_path):
     for key in ('model', 'ema'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert a['step'] == 6 and a['classes'] == ['class0', 'class1', 'class2']
-    assert a['config']['vmae'] == os.path.abspath(setup / 'vmae.pt')
+    assert a['config']['autoencoder'] == os.path.abspath(setup / 'vmae.pt')
     meta = json.load(open(setup / 'latents' / 'meta.json'))
     assert torch.allclose(a['latent_stats']['mean'], torch.tensor(meta['mean']))
     # the EMA has moved from the initial weights toward the trained ones, but only a little (decay 0.9999)
