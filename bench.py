@@ -4,6 +4,11 @@ and compiled, latent extraction, CFG sampling and Inception features. Each row g
 achieved FLOP/s as a fraction of this machine's dense matmul throughput, measured in the same run in
 the row's precision, so that numbers from noisy or different machines compare.
 
+The `autoencoders` rows put the VMAE beside SD-VAE (SD3's convolutional autoencoder) at 256 px, each
+training with its own objective (the VMAE's stage 1; SD-VAE's L1 + LPIPS + KL + PatchGAN with the
+discriminator on), encoding and decoding; a table of their ratios follows, beside the paper's Table 2
+(VMAE: 13.4% of the parameters, 4.1% of the GFLOPs, 37.5% of the training time).
+
 FLOPs are counted by PyTorch's FlopCounterMode on one call of each row's step built for one image
 (FLOPs are linear in the batch), attention on the math backend so that the counter sees it on every
 device: 2 per multiply-add of every Linear, conv and attention matmul. A training step counts its
@@ -32,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+import convae
 import dit
 import fileio
 import inception
@@ -44,12 +50,13 @@ SIZES = {
     # VMAE stage 1 at 128 px; DiT-B/1 on 16x32x32 latents (64 per GPU: about 40 GB eager, where 128 would not fit
     # in 80 GB); extraction batch = train_dit's 64 images x (image + mirror); sampling as sample.py --batch-size 64
     'gpu': dict(vmae='VMAE-f8d16', dit='DiT-B/1', train_px=128, encode_px=256, latent=32, vmae_train=128, dit_train=64,
-                encode=128, sample=64, inception=200, steps=250, warmup=3, iters=20),
+                encode=128, sample=64, inception=200, steps=250, warmup=3, iters=20,
+                sdvae='SD3-VAE', ae_train=16, ae_infer=32),
     # the same models, small batches; DiT latents 16x16 (a quarter of the tokens: one DiT-B/1 step at 32x32 is ~30 s here)
     'cpu': dict(vmae='VMAE-f8d16', dit='DiT-B/1', train_px=128, encode_px=256, latent=16, vmae_train=2, dit_train=1,
-                encode=2, sample=1, inception=2, steps=4, warmup=1, iters=2),
+                encode=2, sample=1, inception=2, steps=4, warmup=1, iters=2, sdvae='SD3-VAE', ae_train=1, ae_infer=1),
     'quick': dict(vmae='VMAE-tiny', dit='DiT-T/1', train_px=32, encode_px=64, latent=8, vmae_train=2, dit_train=2,
-                  encode=2, sample=2, inception=1, steps=6, warmup=1, iters=1),
+                  encode=2, sample=2, inception=1, steps=6, warmup=1, iters=1, sdvae='ConvAE-tiny', ae_train=1, ae_infer=2),
 }
 MASK_RATIO = 0.25                      # stage 1
 CFG = dict(cfg_scale=10.0, cfg_interval_start=0.1, cfg_channels=3, shift=0.3)  # the paper's ImageNet sampler
@@ -122,12 +129,13 @@ def randomise_zero_init(model):
     return model
 
 
-def vmae_train(s, device, dtype, compiled):
-    model = vmae.VMAE_models[s['vmae']](img_size=s['train_px']).to(device)
+def vmae_train(s, device, dtype, compiled, px=None, batch=None):
+    px, batch = px or s['train_px'], batch or s['vmae_train']
+    model = vmae.VMAE_models[s['vmae']](img_size=px).to(device)
     perceptual = vmae.lpips_vgg(pretrained=False).to(device)  # random VGG: the same FLOPs, no download
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
     train_model = torch.compile(model) if compiled else model  # as train_vmae.py: the model, not LPIPS
-    x = torch.rand(s['vmae_train'], 3, s['train_px'], s['train_px'], device=device) * 2 - 1
+    x = torch.rand(batch, 3, px, px, device=device) * 2 - 1
     weights = vmae.LossWeights()
 
     def step():
@@ -137,8 +145,62 @@ def vmae_train(s, device, dtype, compiled):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    size = f"{s['vmae']} {s['train_px']}px mask {MASK_RATIO} +LPIPS"
+    size = f"{s['vmae']} {px}px mask {MASK_RATIO} +LPIPS"
     return step, len(x), size
+
+
+def sdvae_train(s, device, dtype):
+    """train_vmae.py's SD-VAE step past disc_start: L1 + LPIPS + KL, the adversarial term with its adaptive
+    weight (two extra gradients at the last layer), then the discriminator's hinge step."""
+    model = convae.ConvAE_models[s['sdvae']](img_size=s['encode_px']).to(device)
+    disc = convae.NLayerDiscriminator().to(device)
+    perceptual = vmae.lpips_vgg(pretrained=False).to(device)
+    optimizer, disc_optimizer = (torch.optim.Adam(m.parameters(), lr=1e-5, betas=(0.5, 0.9)) for m in (model, disc))
+    x = torch.rand(s['ae_train'], 3, s['encode_px'], s['encode_px'], device=device) * 2 - 1
+
+    def step():
+        with precision(dtype):
+            recon, posterior = model(x)
+            loss, nll, _ = convae.convae_loss(x, recon, posterior, 'l1', 1.0, 1.0, 1e-6, perceptual=perceptual)
+            disc.requires_grad_(False)
+            g_loss = convae.generator_loss(disc(recon))
+            loss = loss + 0.5 * convae.adaptive_weight(nll, g_loss, model.decoder.conv_out.weight) * g_loss
+        loss.backward()
+        disc.requires_grad_(True)
+        with precision(dtype):
+            d_loss = convae.hinge_d_loss(disc(x), disc(recon.detach()))
+        d_loss.backward()
+        for opt in (optimizer, disc_optimizer):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step, len(x), f"{s['sdvae']} {s['encode_px']}px L1+LPIPS+KL+GAN"
+
+
+def autoencoder(name, px, device):
+    family = vmae.VMAE_models if name in vmae.VMAE_models else convae.ConvAE_models
+    return family[name](img_size=px).to(device).eval()
+
+
+def ae_encode(s, device, dtype, name):
+    model = autoencoder(name, s['encode_px'], device)
+    x = torch.rand(s['ae_infer'], 3, s['encode_px'], s['encode_px'], device=device) * 2 - 1
+
+    @torch.no_grad()
+    def step():
+        with precision(dtype):
+            model.encode(x)
+    return step, len(x), f"{name} {s['encode_px']}px"
+
+
+def ae_decode(s, device, dtype, name):
+    model = autoencoder(name, s['encode_px'], device)
+    z = torch.randn(s['ae_infer'], model.latent_dim, model.grid, model.grid, device=device)
+
+    @torch.no_grad()
+    def step():
+        with precision(dtype):
+            model.decode(z)
+    return step, len(z), f"{name} {model.latent_dim}x{model.grid}x{model.grid}"
 
 
 def dit_train(s, device, dtype, compiled):
@@ -200,14 +262,15 @@ def inception_forward(s, device, dtype):
 
 # -----------------------------------------------------------------------------
 
-BENCHES = ('vmae_train', 'dit_train', 'encode', 'sample', 'inception')
+BENCHES = ('vmae_train', 'dit_train', 'encode', 'sample', 'inception', 'autoencoders')
+BATCHES = ('vmae_train', 'dit_train', 'encode', 'sample', 'inception', 'ae_train', 'ae_infer')  # the keys of SIZES that are batches
 
 
 @dataclasses.dataclass
 class Config:
     quick: bool = False            # tiny models and batches, no compile: a smoke test in seconds
     skip_compile: bool = False     # only eager training steps
-    only: tuple[str, ...] = ()     # run only these of: vmae_train, dit_train, encode, sample, inception
+    only: tuple[str, ...] = ()     # run only these of: vmae_train, dit_train, encode, sample, inception, autoencoders
     device: str = 'auto'           # 'auto', 'cuda' or 'cpu'
     infer_dtype: str = 'bf16'      # extraction and sampling on a GPU: bf16 autocast, or tf32 (fp32 with TF32, what sample.py and train_dit.py run)
     batch_size_vmae_train: int = 0  # 0: the device's default
@@ -215,6 +278,7 @@ class Config:
     batch_size_encode: int = 0     # 0: the device's default
     batch_size_sample: int = 0     # 0: the device's default
     batch_size_inception: int = 0  # 0: the device's default
+    batch_size_autoencoders: int = 0  # training batch of the autoencoder comparison (inference: twice it); 0: the default
     sample_steps: int = 0          # Euler grid points; 0: 250 on a GPU, 4 on a CPU
     json: str = ''                 # also write the results here
 
@@ -229,7 +293,9 @@ def check(cfg):
 def sizes(cfg, cuda):
     """The device kind's SIZES, with the flags' batch sizes and sampling steps where given."""
     s = dict(SIZES['quick' if cfg.quick else 'gpu' if cuda else 'cpu'])
-    given = {name: getattr(cfg, f'batch_size_{name}') for name in BENCHES} | {'steps': cfg.sample_steps}
+    given = {name: getattr(cfg, f'batch_size_{name}') for name in BENCHES if name != 'autoencoders'} | {'steps': cfg.sample_steps}
+    if cfg.batch_size_autoencoders:
+        given.update(ae_train=cfg.batch_size_autoencoders, ae_infer=2 * cfg.batch_size_autoencoders)
     s.update({k: v for k, v in given.items() if v})
     return s
 
@@ -251,7 +317,13 @@ def plan(device, train_dtype, infer_dtype, compile_too):
             ('dit_train', 'compiled', train_dtype, lambda s: dit_train(s, device, train_dtype, compiled=True)),
             ('encode', 'eager', infer_dtype, lambda s: vmae_encode(s, device, infer_dtype)),
             ('sample', 'eager', infer_dtype, lambda s: dit_sample(s, device, infer_dtype)),
-            ('inception', 'eager', 'fp32', lambda s: inception_forward(s, device, 'fp32'))]
+            ('inception', 'eager', 'fp32', lambda s: inception_forward(s, device, 'fp32')),
+            ('autoencoders', 'vmae train', train_dtype,
+             lambda s: vmae_train(s, device, train_dtype, compiled=False, px=s['encode_px'], batch=s['ae_train'])),
+            ('autoencoders', 'sdvae train', train_dtype, lambda s: sdvae_train(s, device, train_dtype))]
+    for part, bench in (('encode', ae_encode), ('decode', ae_decode)):
+        rows += [('autoencoders', f'{who} {part}', infer_dtype, lambda s, bench=bench, who=who: bench(s, device, infer_dtype, s[who]))
+                 for who in ('vmae', 'sdvae')]
     return [row for row in rows if compile_too or row[1] != 'compiled']
 
 
@@ -284,6 +356,8 @@ def main(argv=None):
 
     print_table(rows, unit, scale, cuda)
     print_notes(s)
+    if any(r['bench'] == 'autoencoders' for r in rows):
+        print_autoencoder_ratios(rows, s)
     if cfg.json:
         fileio.write_json(cfg.json, {'device': name, 'torch': torch.__version__, 'sizes': s, 'matmul_flop_per_s': ref, 'rows': rows})
         print(f"wrote {cfg.json}")
@@ -298,7 +372,7 @@ def run_row(bench, mode, dtype, build, s, device, ref):
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        flops_per_image = count_flops(build(dict(s, **{bench: 1}))[0])  # exact: FLOPs are linear in the batch
+        flops_per_image = count_flops(build(dict(s, **dict.fromkeys(BATCHES, 1)))[0])  # exact: FLOPs are linear in the batch
         step, images, size = build(s)
         flops = flops_per_image * images
         if bench == 'sample':  # one full sampling run is long enough (it warmed up on a short one)
@@ -334,6 +408,29 @@ def print_table(rows, unit, scale, cuda):
         print('  '.join(str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))), flush=True)
     print()
 
+
+
+def print_autoencoder_ratios(rows, s):
+    """The VMAE against SD-VAE, as the paper's Table 2: parameters, GFLOPs (encode + decode), throughput."""
+    by_mode = {r['mode']: r for r in rows if r['bench'] == 'autoencoders' and 'error' not in r}
+    params = {who: sum(p.numel() for p in autoencoder(s[who], s['encode_px'], 'cpu').parameters()) for who in ('vmae', 'sdvae')}
+    lines = [['', s['vmae'], s['sdvae'], 'VMAE / SD-VAE', 'paper'],
+             ['parameters (M)', f"{params['vmae'] / 1e6:.2f}", f"{params['sdvae'] / 1e6:.2f}", f"{100 * params['vmae'] / params['sdvae']:.1f}%", '13.4%']]
+
+    def add(label, modes, key, paper=''):
+        if all(m in by_mode for who in ('vmae', 'sdvae') for m in modes[who]):
+            v = {who: sum(by_mode[m][key] for m in modes[who]) for who in ('vmae', 'sdvae')}
+            lines.append([label, f"{v['vmae']:.4g}", f"{v['sdvae']:.4g}", f"{100 * v['vmae'] / v['sdvae']:.1f}%", paper])
+    both = {who: [f'{who} encode', f'{who} decode'] for who in ('vmae', 'sdvae')}
+    add(f"GFLOP/img, encode + decode at {s['encode_px']} px", both, 'gflop_per_img', '4.1%')
+    for part in ('encode', 'decode', 'train'):
+        add(f'{part} img/s', {who: [f'{who} {part}'] for who in ('vmae', 'sdvae')}, 'img_per_s')
+    add('train GFLOP/img (own objective)', {who: [f'{who} train'] for who in ('vmae', 'sdvae')}, 'gflop_per_img')
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    for line in lines:
+        print('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    print("(paper, Table 2: 37.5% of SD-VAE's training time, 9 h vs 24 h; here the per-image training step at the same size:\n"
+          " a VMAE step / SD-VAE step time ratio is the inverse of the train img/s ratio)")
 
 
 def print_notes(s):

@@ -13,17 +13,21 @@ import dit
 
 CPU = torch.device('cpu')
 SIZES = dict(bench.SIZES['quick'], steps=4)  # 3 evaluations: one unguided (t = 0), two guided
-BUILDS = {
-    'vmae_train': lambda s: bench.vmae_train(s, CPU, 'fp32', compiled=False),
-    'dit_train': lambda s: bench.dit_train(s, CPU, 'fp32', compiled=False),
-    'encode': lambda s: bench.vmae_encode(s, CPU, 'fp32'),
-    'sample': lambda s: bench.dit_sample(s, CPU, 'fp32'),
-    'inception': lambda s: bench.inception_forward(s, CPU, 'fp32'),
+BUILDS = {  # name: (build, the SIZES key of its batch)
+    'vmae_train': (lambda s: bench.vmae_train(s, CPU, 'fp32', compiled=False), 'vmae_train'),
+    'dit_train': (lambda s: bench.dit_train(s, CPU, 'fp32', compiled=False), 'dit_train'),
+    'encode': (lambda s: bench.vmae_encode(s, CPU, 'fp32'), 'encode'),
+    'sample': (lambda s: bench.dit_sample(s, CPU, 'fp32'), 'sample'),
+    'inception': (lambda s: bench.inception_forward(s, CPU, 'fp32'), 'inception'),
+    'sdvae_train': (lambda s: bench.sdvae_train(s, CPU, 'fp32'), 'ae_train'),
+    'sdvae_encode': (lambda s: bench.ae_encode(s, CPU, 'fp32', s['sdvae']), 'ae_infer'),
+    'sdvae_decode': (lambda s: bench.ae_decode(s, CPU, 'fp32', s['sdvae']), 'ae_infer'),
 }
 
 
 def counted_flops(name, batch):
-    step, images, _ = BUILDS[name](dict(SIZES, **{name: batch}))
+    build, key = BUILDS[name]
+    step, images, _ = build(dict(SIZES, **{key: batch}))
     assert images == batch
     return bench.count_flops(step)
 
@@ -53,6 +57,19 @@ def test_quick_run_writes_a_row_per_benchmark(tmp_path):
         assert 'error' not in r and r['img_per_s'] > 0 and 0 < r['fraction'] < 10
     assert rows[-1]['s_per_img_250'] > 0
     assert json.loads(out.read_text())['rows'] == rows
+
+
+def test_autoencoder_comparison_rows_and_ratios(capsys):
+    rows = bench.main(['--quick', '--only', 'autoencoders'])
+    assert [r['mode'] for r in rows] == ['vmae train', 'sdvae train', 'vmae encode', 'sdvae encode', 'vmae decode', 'sdvae decode']
+    assert all('error' not in r and r['img_per_s'] > 0 for r in rows)
+    out = capsys.readouterr().out
+    vmae_params = sum(p.numel() for p in bench.autoencoder('VMAE-tiny', 64, 'cpu').parameters())
+    conv_params = sum(p.numel() for p in bench.autoencoder('ConvAE-tiny', 64, 'cpu').parameters())
+    assert f"{100 * vmae_params / conv_params:.1f}%" in out.split('parameters (M)')[1].splitlines()[0]
+    flops = {r['mode']: r['gflop_per_img'] for r in rows}
+    ratio = (flops['vmae encode'] + flops['vmae decode']) / (flops['sdvae encode'] + flops['sdvae decode'])
+    assert f"{100 * ratio:.1f}%" in out.split('encode + decode at 64 px')[1].splitlines()[0]
 
 
 def test_a_failing_row_is_reported_not_raised():
