@@ -1,10 +1,13 @@
 """
-The paper's analyses of a VMAE's latent space (Lee et al., ICCV 2025, section 5):
+The paper's analyses of an autoencoder's latent space (Lee et al., ICCV 2025, section 5), for a VMAE or a
+convolutional baseline alike (figures.py draws them):
 - smoothness (Fig. 6): how reconstructions degrade as the latents are perturbed by eps x the
   per-channel latent std x N(0, I): `common.seeded_noise` draws the noise, `measure_latent_std` the std,
-  `evaluate_reconstruction` the metrics, `plot_smoothness` the figure;
-- perceptual compression (Fig. 7): within-segment variance and semantic disentanglement of latent
-  tokens against raw pixel patches, on segmentation masks (ADE20K label PNGs, CelebAMask-HQ parts);
+  `evaluate_reconstruction` the metrics;
+- perceptual compression (Figs. 4, 7, 8): within-segment variance and semantic disentanglement of
+  latent tokens against raw pixel patches, on segmentation masks (ADE20K label PNGs, CelebAMask-HQ
+  parts, or the built-in shapes with their exact masks); k-means maps and 2-D projections of the tokens;
+- the radar of Fig. 2: one score per property from the JSONs of the commands above;
 and the checks of the small recipes: the thumbnail baseline of reconstructions, a small classifier that
 judges whether samples show their class, and the accuracy of the samplers against a fine reference.
 """
@@ -14,7 +17,6 @@ import math
 import os
 import re
 
-import matplotlib
 import numpy as np
 import scipy.stats
 import torch
@@ -23,14 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-matplotlib.use('Agg')  # files, no window: plots are written on servers without a display
-import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
-
 from autoencoders import generate
-from common import exact_fp32, gather_shards, print0, seeded_noise, shard_bounds
-from data import center_crop_arr, open_rgb, scan_image_folder, to_uint8
+from common import exact_fp32, gather_shards, seeded_noise, shard_bounds
+from data import BuiltinShapes, center_crop_arr, open_rgb, scan_image_folder, to_uint8
 from dit import LatentStats, destandardise, flow_sample, heun_knot, timestep_grid
-from metrics import METRIC_LABELS, frechet_distance, psnr_per_image, reconstruction_metrics, statistics
+from metrics import frechet_distance, psnr_per_image, reconstruction_metrics, statistics
 from vmae import patchify
 
 # -----------------------------------------------------------------------------
@@ -40,10 +39,10 @@ SMOOTHNESS_EPS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3)
 
 
 @torch.no_grad()
-def measure_latent_std(model, dataset, d, batch_size=32, num_workers=4, seed=0):
-    """Per-channel std (unbiased, over images and positions) of posterior samples of `dataset`'s images,
-    as the DiT's latent statistics are computed (the authors: sampled latents, 10k training images).
-    -> (C,) float32 on the CPU, the same on every rank."""
+def measure_latent_std(model, dataset, d, batch_size=32, num_workers=4, seed=0, sample=True):
+    """Per-channel std (unbiased, over images and positions) of posterior samples (or, sample=False, the
+    posterior means) of `dataset`'s images: the latents a DiT learns, measured as train_dit.py measures
+    them (the authors: 10k training images). -> (C,) float32 on the CPU, the same on every rank."""
     indices = range(d.rank, len(dataset), d.world_size)  # any split will do: the sums are all-reduced
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
     stats = LatentStats(model.latent_dim, d.device)
@@ -51,25 +50,11 @@ def measure_latent_std(model, dataset, d, batch_size=32, num_workers=4, seed=0):
         for i, (x, _) in enumerate(tqdm(loader, desc='latent std', disable=not d.master)):
             posterior = model.encode(x.to(d.device))
             noise = seeded_noise(seed + 1, indices[i * batch_size:(i + 1) * batch_size], posterior.mean.shape[1:])
-            stats.add(posterior.mean + posterior.std * noise.to(d.device))
+            stats.add(posterior.mean + posterior.std * noise.to(d.device) if sample else posterior.mean)
     if d.ddp:
         dist.all_reduce(stats.sums)
     return stats.result()['std'].float().cpu()
 
-
-def plot_smoothness(results, path):
-    """Metrics against eps as a PNG."""
-    eps = sorted(results)
-    metrics = [k for k in ('rfid', 'psnr', 'ssim', 'lpips') if k in results[eps[0]]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
-    for ax, k in zip(np.atleast_1d(axes), metrics):
-        ax.plot(eps, [results[e][k] for e in eps], 'o-')
-        ax.set_xlabel('eps (x latent std)')
-        ax.set_title(METRIC_LABELS[k])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print0(f"plot: {path}")
 
 # -----------------------------------------------------------------------------
 # perceptual compression (Fig. 7)
@@ -223,21 +208,125 @@ def masked_images(images_root, masks, image_size, num_images=0):
         raise ValueError(f"none of the images in '{images_root}' has a mask in the mask folder (matched by file name)")
 
 
+def builtin_masked_images(image_size, num_images=0):
+    """(image, label image) pairs of the held-out built-in images with their exact masks (1 background,
+    2 the shape): a segmented set that needs no download, for the tests and the small study."""
+    dataset = BuiltinShapes(image_size, split='val')
+    for index in range(min(num_images or len(dataset), len(dataset))):
+        image, labels = dataset.image_and_mask(index)
+        yield image, as_label_image(labels.astype(np.int64))[0]
+
+
 @torch.no_grad()
-def evaluate_compression(model, images_root, masks, image_size, device, num_images=0, batch_size=32):
-    """sigma^2 and rho (compression_statistics) of VMAE latent tokens (posterior mean) and of raw pixel
-    patches on the same p x p grid, over the images that have masks. The tokens of every image are kept
-    (float32) until the set's scale is known. -> {'latent': {...}, 'pixel': {...}, 'n_images'}"""
-    tokens = {'latent': [], 'pixel': [], 'labels': []}
-    pairs = masked_images(images_root, masks, image_size, num_images)
+def token_features(models, pairs, device, batch_size=32):
+    """Per image: each model's latent tokens (posterior mean, (h*w, C)), the raw p x p pixel patches on the
+    same grid ((h*w, p*p*3), values in [0, 1]) and the majority segment label of each patch.
+    models: {name: autoencoder}, all with the same patch size; pairs: (image, label image) as masked_images.
+    -> {'labels': [(h*w,)], 'pixel': [...], name: [...], 'images': [uint8 (H, W, 3)]}"""
+    patch = {m.patch_size for m in models.values()}
+    if len(patch) != 1:
+        raise ValueError(f"the autoencoders downsample by different factors {sorted(patch)}: compare ones with the same grid")
+    p = patch.pop()
+    out = {'labels': [], 'pixel': [], 'images': [], **{name: [] for name in models}}
+    pairs = iter(pairs)
     with exact_fp32():
         while batch := list(itertools.islice(pairs, batch_size)):
-            x = torch.from_numpy(np.stack([np.asarray(img) for img, _ in batch])).permute(0, 3, 1, 2).float()  # (B, 3, H, W) 0..255
-            tokens['latent'] += model.encode((x / 127.5 - 1).to(device)).mean.flatten(2).transpose(1, 2).cpu()  # (h*w, C) each
-            tokens['pixel'] += patchify(x / 255, model.patch_size)                                             # (h*w, p*p*3) each
-            tokens['labels'] += [patch_labels(np.asarray(label_img).astype(np.int64), model.patch_size) for _, label_img in batch]
-    return {'latent': compression_statistics(tokens['latent'], tokens['labels']),
-            'pixel': compression_statistics(tokens['pixel'], tokens['labels']), 'n_images': len(tokens['labels'])}
+            images = np.stack([np.asarray(img) for img, _ in batch])
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float()                                 # (B, 3, H, W) 0..255
+            for name, model in models.items():
+                out[name] += model.encode((x / 127.5 - 1).to(device)).mean.flatten(2).transpose(1, 2).cpu()  # (h*w, C) each
+            out['pixel'] += patchify(x / 255, p)                                                     # (h*w, p*p*3) each
+            out['labels'] += [patch_labels(np.asarray(label_img).astype(np.int64), p) for _, label_img in batch]
+            out['images'] += list(images)
+    return out
+
+
+def evaluate_compression(models, pairs, device, batch_size=32):
+    """sigma^2 and rho (compression_statistics) of each model's latent tokens and of raw pixel patches, over
+    the images that have masks. -> {name: {...}, 'pixel': {...}, 'n_images'}"""
+    tokens = token_features(models, pairs, device, batch_size)
+    results = {name: compression_statistics(tokens[name], tokens['labels']) for name in [*models, 'pixel']}
+    return {**results, 'n_images': len(tokens['labels'])}
+
+
+def kmeans(x, k, seed=0, iters=100):
+    """Lloyd's k-means with k-means++ seeding on (n, d) features -> cluster of each row (n,). Clusters are
+    numbered by size, largest first, so that colours compare across encoders."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randint(len(x), (1,), generator=g)]
+    for _ in range(1, k):  # k-means++: the next centre far from those chosen, with probability ~ distance^2
+        d2 = torch.cdist(x, centres).min(1).values.pow(2)
+        centres = torch.cat([centres, x[torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones_like(d2), 1, generator=g)]])
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)
+        moved = torch.stack([x[assign == c].mean(0) if (assign == c).any() else centres[c] for c in range(k)])
+        if torch.equal(moved, centres):
+            break
+        centres = moved
+    order = torch.argsort(torch.bincount(assign, minlength=k), descending=True, stable=True)
+    return torch.argsort(order)[assign]
+
+
+def standardise_tokens(tokens):
+    """Per-image token sets standardised per channel over all of them together (one scale for the set)."""
+    flat = torch.cat([torch.as_tensor(t, dtype=torch.float64) for t in tokens])
+    mean, std = flat.mean(0), flat.std(0, unbiased=False).clamp_min(1e-12)
+    return [(torch.as_tensor(t, dtype=torch.float64) - mean) / std for t in tokens]
+
+
+def project_2d(features):
+    """(n, d) -> (n, 2): the centred features on their two principal axes (PCA by SVD), largest first."""
+    f = torch.as_tensor(features, dtype=torch.float64)
+    f = f - f.mean(0)
+    _, _, v = torch.linalg.svd(f, full_matrices=False)
+    return f @ v[:2].T
+
+
+def radar_scores(recon, smoothness=None, compression=None, generation=None):
+    """Fig. 2's axes, one raw score per autoencoder, higher is better, from the commands' JSON results
+    ({'autoencoders': {name: ...}}); an axis is left out when its input is missing:
+    - smoothness: minus the mean rise of rFID over the perturbed levels (eps > 0) from eps = 0, or the mean
+      change of PSNR when rFID was not measured (Fig. 6: a smooth latent decodes perturbed latents well);
+    - compression: rho - sigma^2 on the latent tokens (Fig. 7: the ideal is sigma^2 0 with rho high);
+    - PSNR (pixel reconstruction), and -rFID (or -LPIPS without rFID; neither when both were skipped);
+    - -gFID of a DiT on each autoencoder's latents ({name: evaluate.py fid JSON}).
+    -> {axis: {name: score}}"""
+    names = list(recon['autoencoders'])
+    rows = {name: recon['autoencoders'][name] for name in names}
+    for what, results in (('smoothness', smoothness and smoothness['autoencoders']), ('compression', compression and compression['autoencoders']),
+                          ('generation', generation)):
+        if results and set(names) - set(results):
+            raise ValueError(f"the {what} results have no {sorted(set(names) - set(results))} (they have {sorted(results)}): "
+                             f"give every command the same autoencoders, with the same --names")
+    perceptual = next((k for k in ('rfid', 'lpips') if all(k in r for r in rows.values())), None)
+    axes = {}
+    if smoothness:
+        def rise(curve):
+            levels = sorted((float(e), m) for e, m in curve.items())
+            base, perturbed = levels[0][1], [m for e, m in levels if e > 0]
+            key = 'rfid' if 'rfid' in base else 'psnr'
+            change = float(np.mean([m[key] - base[key] for m in perturbed]))
+            return -change if key == 'rfid' else change
+        axes['smoothness'] = {n: rise(smoothness['autoencoders'][n]['eps']) for n in names}
+    if compression:
+        axes['compression'] = {n: compression['autoencoders'][n]['rho'] - compression['autoencoders'][n]['sigma2'] for n in names}
+    axes['PSNR'] = {n: rows[n]['psnr'] for n in names}
+    if perceptual:
+        axes[perceptual.upper().replace('RFID', 'rFID')] = {n: -rows[n][perceptual] for n in names}
+    if generation:
+        axes['gFID'] = {n: -generation[n]['FID'] for n in names}
+    return axes
+
+
+def rescale(scores, inner=0.2):
+    """Each axis linearly rescaled over the autoencoders: the best to 1 (the outer ring), the worst to
+    `inner` (the inner ring), as the paper's Fig. 2; an axis where all are equal goes to 1."""
+    out = {}
+    for axis, values in scores.items():
+        lo, hi = min(values.values()), max(values.values())
+        out[axis] = {n: 1.0 if hi == lo else inner + (1 - inner) * (v - lo) / (hi - lo) for n, v in values.items()}
+    return out
 
 # -----------------------------------------------------------------------------
 # reconstruction metrics over a dataset (Table 1; with eps > 0, Fig. 6)
@@ -434,18 +523,3 @@ def heun_match(rows, target=('euler', 250)):
     """The fewest Heun steps whose latent error is at most that of `target` (Euler-250), or None."""
     bound = next(r['latent_rmse'] for r in rows if (r['solver'], r['steps']) == target)
     return next((r for r in sorted(rows, key=lambda r: r['steps']) if r['solver'] == 'heun' and r['latent_rmse'] <= bound), None)
-
-
-def plot_solvers(rows, path):
-    """Latent error and image PSNR against DiT forwards per sample, one line per solver (log-log)."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for solver in dict.fromkeys(r['solver'] for r in rows):
-        mine = [r for r in rows if r['solver'] == solver]
-        axes[0].loglog([r['forwards'] for r in mine], [r['latent_rmse'] for r in mine], 'o-', label=solver)
-        axes[1].semilogx([r['forwards'] for r in mine], [r['psnr'] for r in mine], 'o-', label=solver)
-    axes[0].set(xlabel='DiT forwards per sample', ylabel='latent RMS error vs reference')
-    axes[1].set(xlabel='DiT forwards per sample', ylabel='PSNR vs reference (dB)')
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

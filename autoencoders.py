@@ -16,7 +16,7 @@ import dit
 import fileio
 from common import print0, seeded_noise
 from convae import load_convae
-from vmae import load_vmae
+from vmae import VMAE, load_vmae
 
 
 def autoencoder_kind(path):
@@ -36,6 +36,13 @@ def autoencoder_kind(path):
     raise ValueError(f"'{path}' is not an autoencoder checkpoint: expected a VMAE (train_vmae.py's, or the authors' "
                      f"vmaef8d16.pth) or a convolutional KL autoencoder (ours, the authors' diffusers-named weights, "
                      f"or a diffusers vae/ folder); found {found}")
+
+
+def dit_latent(autoencoder):
+    """The latent a DiT learns from this autoencoder, as the authors: 'sample' (a fresh posterior sample)
+    for a VMAE, whose KL term keeps its std near 1e-3; 'mode' (the posterior mean) for a convolutional one,
+    whose AE and DAE objectives never train a variance."""
+    return 'sample' if isinstance(autoencoder, VMAE) else 'mode'
 
 
 def load_autoencoder(path, device='cpu', img_size=None):

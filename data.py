@@ -221,15 +221,24 @@ class BuiltinShapes(torch.utils.data.Dataset):
         if not 0 <= index < len(self):  # any index would draw an image: without this, `for x, y in dataset` never ends
             raise IndexError(f"index {index} out of range for {len(self)} images")
         label = index % self.num_classes
-        img = draw_shape(label, np.random.default_rng([self.seed, self.splits[self.split], index]), self.image_size)
+        img = draw_shape(label, self.rng(index), self.image_size)
         if self.flip and random.Random(seed).random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(img), label
 
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.splits[self.split], index])
 
-def draw_shape(label, rng, size, supersample=4):
+    def image_and_mask(self, index):
+        """The unflipped image of item `index` (PIL) and its exact segmentation (H, W) uint8: 1 background, 2 the
+        shape (pixels it covers at least half of); the segmented built-in set of the compression analyses."""
+        return draw_shape(index % self.num_classes, self.rng(index), self.image_size, with_mask=True)
+
+
+def draw_shape(label, rng, size, supersample=4, with_mask=False):
     """One image of class `label`: a noisy vertical-gradient background and the class's shape in its
-    colour, the shape's coverage drawn at 4x resolution and averaged down (anti-aliased edges)."""
+    colour, the shape's coverage drawn at 4x resolution and averaged down (anti-aliased edges).
+    with_mask: -> (image, labels (size, size) uint8, 1 background and 2 where the coverage is >= 1/2)."""
     _, shape, hue = BUILTIN_CLASSES[label]
     top, bottom = rng.uniform(0.05, 0.35, size=3), rng.uniform(0.05, 0.35, size=3)
     ramp = np.linspace(0, 1, size)[:, None, None]
@@ -244,8 +253,8 @@ def draw_shape(label, rng, size, supersample=4):
     mask = Image.new('L', (s, s), 0)
     draw_primitive(ImageDraw.Draw(mask), shape, cx, cy, radius, rng.uniform(0, 2 * math.pi), 255, s)
     alpha = np.asarray(mask.resize((size, size), Image.BOX), dtype=np.float64)[..., None] / 255  # (size, size, 1)
-    img = (1 - alpha) * background + alpha * color
-    return Image.fromarray(np.uint8(np.clip(img, 0, 1) * 255 + 0.5), 'RGB')
+    img = Image.fromarray(np.uint8(np.clip((1 - alpha) * background + alpha * color, 0, 1) * 255 + 0.5), 'RGB')
+    return (img, np.uint8(1 + (alpha[..., 0] >= 0.5))) if with_mask else img
 
 
 def draw_primitive(draw, shape, cx, cy, r, angle, color, s):

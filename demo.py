@@ -59,7 +59,7 @@ def main():
         print(f"$ python evaluate.py recon {' '.join(flags)}")
         evaluate.main(['recon', *flags])
         with open(ckpt + '.recon.json') as f:
-            recon[name] = json.load(f)
+            recon[name] = next(iter(json.load(f)['autoencoders'].values()))
     after, before, thumbnail = recon['stage 3'], recon['stage 1'], recon['stage 3']['thumbnail']
     latent_numbers = 3 * thumbnail['side'] ** 2
 

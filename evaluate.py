@@ -28,251 +28,25 @@ import dataclasses
 import json
 import os
 import sys
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from PIL import Image
-from tqdm import tqdm
 
 import common
 import dit
 import fileio
-from analyses import (SMOOTHNESS_EPS, SegmentationMasks, evaluate_compression, evaluate_reconstruction, heun_match, measure_latent_std,
-                      plot_smoothness, plot_solvers, recognition_study, solver_study, thumbnail_side, train_classifier)
-from autoencoders import load_autoencoder, load_generator
-from common import exact_fp32, gather_shards, print0, seeded_noise, shard_bounds
-from data import BUILTIN_CLASSES, IMG_EXTENSIONS, BuiltinShapes, build_dataset, center_crop_arr, open_rgb
+from adm import evaluate_generation, open_images
+from analyses import (SMOOTHNESS_EPS, SegmentationMasks, builtin_masked_images, compression_statistics, evaluate_compression,
+                      evaluate_reconstruction, heun_match, kmeans, masked_images, measure_latent_std, project_2d, radar_scores, recognition_study,
+                      rescale, solver_study, standardise_tokens, thumbnail_side, token_features, train_classifier)
+from autoencoders import dit_latent, load_autoencoder, load_generator
+from common import print0, seeded_noise
+from data import BUILTIN_CLASSES, BuiltinShapes, build_dataset, to_uint8
 from dit import read_latent_stats
+from figures import plot_compression, plot_kmeans, plot_projection, plot_radar, plot_smoothness, plot_solvers
 from inception import FID_WEIGHTS_SHA256_PREFIX, inception_weights_path, load_inception
-from metrics import METRIC_LABELS, frechet_distance, inception_score, precision_recall, statistics
+from metrics import METRIC_LABELS
 from vmae import lpips_vgg
-
-#################################################################################
-#                              Image inputs                                     #
-#################################################################################
-
-class NpzImages:
-    """`arr_0` of an ADM-style .npz (uint8, (N, H, W, 3)), read in row ranges straight out of the zip,
-    so 50k images at 256 px (9.8 GB) never sit in memory at once. Other arrays (`mu`, ...) stay untouched."""
-
-    def __init__(self, path):
-        self.path = path
-        self.keys = npz_keys(path)
-        self.has_images = 'arr_0' in self.keys
-        if not self.has_images:
-            return
-        with zipfile.ZipFile(path) as zf, zf.open('arr_0.npy') as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
-            self.shape, fortran, dtype = read_header(f)
-            self.offset = f.tell()
-        if dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3 or fortran:
-            hint = ' (channels first: transpose to (N, H, W, 3))' if len(self.shape) == 4 and self.shape[1] == 3 else ''
-            raise ValueError(f"arr_0 in '{path}' is {dtype} {tuple(self.shape)}{hint}; the evaluator takes uint8 images (N, H, W, 3) in 0..255, as ADM's")
-
-    def __len__(self):
-        return self.shape[0] if self.has_images else 0
-
-    def batches(self, start, stop, batch_size):
-        row_bytes = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as zf, zf.open('arr_0.npy') as f:
-            f.seek(self.offset + start * row_bytes)  # one seek, then sequential reads
-            for i in range(start, stop, batch_size):
-                n = min(batch_size, stop - i)
-                yield np.frombuffer(bytearray(f.read(n * row_bytes)), np.uint8).reshape(n, *self.shape[1:])  # writable, for torch
-
-    def stored_statistics(self):
-        """ADM's rule: if the file holds `mu`, use its mu/sigma (and mu_s/sigma_s) instead of computing them."""
-        if 'mu' not in self.keys:
-            return None
-        expected = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023, 2023)}
-        with np.load(self.path) as f:
-            stats = {k: f[k].astype(np.float64) for k in expected if k in f}
-        for k, v in stats.items():
-            if v.shape != expected[k]:
-                raise ValueError(f"'{k}' in '{self.path}' has shape {v.shape}, expected {expected[k]} (Inception pool_3 / mixed_6 statistics)")
-        if 'sigma' not in stats:
-            raise ValueError(f"'{self.path}' has 'mu' but no 'sigma'")
-        return stats
-
-    def fingerprint(self):
-        st = os.stat(self.path)
-        return {'file': os.path.basename(self.path), 'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns, 'n': len(self)}
-
-
-def npz_keys(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' not found")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"'{path}' is not an .npz archive (expected arr_0 = uint8 images (N, H, W, 3), as ADM's reference batches and sample.py write)")
-    with zipfile.ZipFile(path) as zf:
-        return [n.removesuffix('.npy') for n in zf.namelist()]
-
-
-class FolderImages:
-    """Image files under a folder (recursively, sorted by path), as uint8 (H, W, 3). With image_size,
-    each is centre-cropped to image_size^2 the ADM way; without, all must share one size."""
-
-    def __init__(self, root, image_size=None):
-        self.path, self.image_size = root.rstrip('/'), image_size
-        self.files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
-                            for f in fs if f.lower().endswith(IMG_EXTENSIONS))
-        if not self.files:
-            raise ValueError(f"no images found in '{root}' (looked for {', '.join(IMG_EXTENSIONS)})")
-        self.has_images = True
-
-    def __len__(self):
-        return len(self.files)
-
-    def load(self, path):
-        try:
-            img = open_rgb(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read image '{path}': {e}") from None
-        return np.asarray(center_crop_arr(img, self.image_size) if self.image_size else img, dtype=np.uint8)
-
-    def batches(self, start, stop, batch_size):
-        with ThreadPoolExecutor(8) as pool:  # PIL decodes outside the GIL
-            for i in range(start, stop, batch_size):
-                images = list(pool.map(self.load, self.files[i:min(i + batch_size, stop)]))
-                sizes = {im.shape for im in images}
-                if len(sizes) > 1:
-                    raise ValueError(f"images in '{self.path}' differ in size ({', '.join(f'{s[1]}x{s[0]}' for s in sorted(sizes)[:2])}): "
-                                     f"pass --image-size N to centre-crop them to N x N")
-                yield np.stack(images)
-
-    def stored_statistics(self):
-        return None
-
-    def fingerprint(self):
-        stats = [os.stat(f) for f in self.files]
-        return {'folder': os.path.basename(self.path), 'n': len(self.files), 'bytes': sum(s.st_size for s in stats),
-                'mtime_ns': max(s.st_mtime_ns for s in stats), 'image_size': self.image_size}
-
-
-def open_images(path, image_size=None):
-    """An .npz (arr_0) or a folder of images."""
-    if os.path.isdir(path):
-        return FolderImages(path, image_size)
-    return NpzImages(path)
-
-#################################################################################
-#                          Feature extraction                                   #
-#################################################################################
-
-FEATURE_DIMS = {'pool': 2048, 'logits': 1008, 'spatial': 2023}
-
-
-def prefetch(iterable):
-    """Yield the items of `iterable`, producing the next one in a thread while the caller uses this one."""
-    iterator = iter(iterable)
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(next, iterator, None)
-        while (item := future.result()) is not None:
-            future = pool.submit(next, iterator, None)
-            yield item
-
-
-@torch.no_grad()
-def extract_features(inception, images, d, batch_size=64, desc='features'):
-    """Inception features of all images, this rank computing its contiguous shard.
-    -> {'pool': (N, 2048), 'logits': (N, 1008), 'spatial': (N, 2023)} float32 numpy, input order."""
-    start, stop = shard_bounds(len(images), d.rank, d.world_size)
-    parts = {k: [torch.zeros(0, dim)] for k, dim in FEATURE_DIMS.items()}
-    with exact_fp32(), tqdm(total=stop - start, desc=desc, unit='img', disable=not d.master) as bar:
-        for batch in prefetch(images.batches(start, stop, batch_size)):
-            x = torch.from_numpy(batch).to(d.device).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
-            for k, v in zip(FEATURE_DIMS, inception(x)):
-                parts[k].append(v.cpu())
-            bar.update(len(batch))
-    return {k: gather_shards(torch.cat(v), len(images), d).numpy() for k, v in parts.items()}
-
-#################################################################################
-#                        Statistics and their cache                             #
-#################################################################################
-
-def cache_path(images):
-    """The sidecar next to the input: the user's npz is never rewritten (the authors' evaluator did)."""
-    return images.path + '.inception_stats.npz'
-
-
-def read_cache(path, key):
-    """The cached arrays if `path` exists and was written for `key` (same input files, same weights)."""
-    try:
-        with np.load(path) as f:
-            if str(f['key']) == key:
-                return {k: f[k] for k in f.files if k != 'key'}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # absent, partial or foreign file: recompute
-        pass
-    return None
-
-
-def write_cache(path, key, arrays):
-    try:
-        with fileio.atomic_write(path) as f:  # a file object: np.savez appends no suffix
-            np.savez(f, key=np.array(key), **arrays)
-    except OSError as e:  # a read-only dataset folder is fine: just no cache
-        print0(f"warning: could not write the statistics cache {path}: {e}")
-
-
-def inception_statistics(inception, images, d, batch_size=64, use_cache=True, desc='features'):
-    """pool features and logits of `images` with the statistics of pool (mu, sigma) and spatial
-    (mu_s, sigma_s) features, read from the sidecar cache when it matches. Returned on rank 0 only."""
-    path = cache_path(images)
-    key = json.dumps({'input': images.fingerprint(), 'inception_sha256': inception.sha256, 'version': 1}, sort_keys=True)
-    cached = read_cache(path, key) if use_cache and d.master else None
-    if d.ddp:  # rank 0 decides, so that all ranks agree on whether to extract
-        flag = [cached is not None]
-        dist.broadcast_object_list(flag, src=0)
-        hit = flag[0]
-    else:
-        hit = cached is not None
-    if hit:
-        print0(f"{images.path}: statistics from {path}")
-        return cached
-    features = extract_features(inception, images, d, batch_size, desc)
-    if not d.master:
-        return None
-    mu, sigma = statistics(features['pool'])
-    mu_s, sigma_s = statistics(features['spatial'])
-    result = dict(pool=features['pool'], logits=features['logits'], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    if use_cache:
-        write_cache(path, key, result)
-    return result
-
-#################################################################################
-#                             Generation metrics                                #
-#################################################################################
-
-def evaluate_generation(ref, samples, inception, d, batch_size=64, use_cache=True, pr_fp16=True):
-    """ADM's five numbers for a reference (npz or folder) and samples. Returned on rank 0 only."""
-    ref_stats, smp_stats = ref.stored_statistics(), samples.stored_statistics()
-    if not samples.has_images:
-        raise ValueError(f"'{samples.path}' has no arr_0: the samples must be images (uint8 (N, H, W, 3)), as sample.py writes")
-    if not ref.has_images and ref_stats is None:
-        raise ValueError(f"'{ref.path}' has neither arr_0 (images) nor mu/sigma (statistics): not a reference batch")
-    ref_feats = inception_statistics(inception, ref, d, batch_size, use_cache, 'reference') if ref.has_images else {}
-    smp = inception_statistics(inception, samples, d, batch_size, use_cache, 'samples')
-    if not d.master:
-        return None
-    # ADM's rule, for both files: stored statistics win; arr_0's features still serve precision/recall and IS
-    ref_feats, smp = {**ref_feats, **(ref_stats or {})}, {**smp, **(smp_stats or {})}
-    results = {'FID': frechet_distance(smp['mu'], smp['sigma'], ref_feats['mu'], ref_feats['sigma'])}
-    results['sFID'] = frechet_distance(smp['mu_s'], smp['sigma_s'], ref_feats['mu_s'], ref_feats['sigma_s']) if 'mu_s' in ref_feats else None
-    results['IS'] = inception_score(smp['logits'])
-    if 'pool' in ref_feats:
-        results['precision'], results['recall'] = precision_recall(ref_feats['pool'], smp['pool'], fp16=pr_fp16, device=d.device)
-    else:
-        print0(f"note: '{ref.path}' holds statistics only (no arr_0): no precision/recall")
-        results['precision'] = results['recall'] = None
-    info = {'ref': ref.path, 'samples': samples.path, 'n_ref': len(ref), 'n_samples': len(samples),
-            'ref_statistics': 'stored in the npz' if ref_stats else 'computed',
-            'sample_statistics': 'stored in the npz' if smp_stats else 'computed', 'pr_distances': 'fp16' if pr_fp16 else 'fp32'}
-    return results, info
 
 #################################################################################
 #                                     CLI                                       #
@@ -294,13 +68,14 @@ class FidConfig:
 
 @dataclasses.dataclass
 class AutoencoderConfig:
-    autoencoder: str = common.aliases('', 'vmae')  # a VMAE or convolutional checkpoint (train_vmae.py's, the authors'), or a diffusers vae/ folder; required
-    data: str = ''                      # image folder (e.g. ImageNet val); recon and smoothness also take 'builtin'; required
-    image_size: int = 0                 # evaluation size; 0: the autoencoder's
+    autoencoder: tuple[str, ...] = common.aliases((), 'vmae')  # one or more: VMAE or convolutional checkpoints (ours, the authors'), diffusers vae/ folders; required
+    names: tuple[str, ...] = ()         # their names in tables and plots; default: the run folder (out/sdvae/last.pt -> sdvae)
+    data: str = ''                      # image folder (e.g. ImageNet val), or 'builtin'; required
+    image_size: int = 0                 # evaluation size; 0: the first autoencoder's
     num_images: int = 0                 # use only the first N images (0: all)
     device: str = 'auto'                # 'auto' (cuda:LOCAL_RANK if available, else cpu), 'cpu', 'cuda'
     batch_size: int = 32                # images per batch, per rank
-    out: str = ''                       # JSON path; '': next to the autoencoder checkpoint
+    out: str = ''                       # JSON path, the PNG beside it; '': next to the checkpoint (one), analysis/<command>.json (several)
 
 
 @dataclasses.dataclass
@@ -321,7 +96,28 @@ class SmoothnessConfig(ReconConfig):
 
 @dataclasses.dataclass
 class CompressionConfig(AutoencoderConfig):
-    masks: str = ''                     # label PNGs named like the images (ADE20K) or CelebAMask-HQ part masks; required
+    masks: str = ''                     # label PNGs named like the images (ADE20K), CelebAMask-HQ part masks, or 'builtin' (with --data builtin); required
+
+
+@dataclasses.dataclass
+class ProjectionConfig(CompressionConfig):
+    image: int = 0                      # which image (among those with masks) to draw; sigma^2 is over all --num_images
+
+
+@dataclasses.dataclass
+class KmeansConfig(AutoencoderConfig):
+    images: tuple[int, ...] = (0, 1, 2, 3)  # indices of the --data images to cluster
+    ks: tuple[int, ...] = (2, 3, 4, 8)  # numbers of clusters
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RadarConfig:
+    recon: str = ''                     # evaluate.py recon JSON of the autoencoders to compare; required
+    smoothness: str = ''                # evaluate.py smoothness JSON of the same autoencoders
+    compression: str = ''               # evaluate.py compression JSON of the same autoencoders
+    generation: tuple[str, ...] = ()    # name=path: evaluate.py fid JSON of a DiT on each autoencoder's latents
+    out: str = ''                       # JSON path, the PNG beside it; '': radar.json beside the recon JSON
 
 
 @dataclasses.dataclass
@@ -393,14 +189,45 @@ def run_fid(cfg, d):
     write_results(cfg.out or samples.path + '.metrics.json', {**results, **info}, cfg, inception)
 
 
-def load_model_and_data(cfg, d):
-    model = load_autoencoder(cfg.autoencoder, d.device, cfg.image_size or None)
-    dataset = build_dataset(cfg.data, model.img_size, train=False, split='val')
+def autoencoder_names(cfg):
+    """--names, or each checkpoint's run folder (out/sdvae/last.pt -> sdvae), else its file or folder name."""
+    if cfg.names:
+        if len(cfg.names) != len(cfg.autoencoder):
+            raise ValueError(f"--names gives {len(cfg.names)} names for {len(cfg.autoencoder)} autoencoders")
+        return list(cfg.names)
+    def name(path):
+        path = os.path.normpath(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return os.path.basename(os.path.dirname(path)) or stem if stem == 'last' or stem.startswith('ckpt_') else stem
+    names = [name(p) for p in cfg.autoencoder]
+    return [n if names.count(n) == 1 else f'{n}_{i}' for i, n in enumerate(names)]
+
+
+def output_path(cfg, command):
+    """--out, else next to the checkpoint for one autoencoder, else analysis/<command>.json."""
+    if cfg.out:
+        return cfg.out
+    if len(cfg.autoencoder) == 1:
+        return cfg.autoencoder[0].rstrip('/') + f'.{command}.json'
+    return os.path.join('analysis', f'{command}.json')
+
+
+def load_autoencoders(cfg, d):
+    """{name: autoencoder} in eval mode at --image_size (default: the first one's size, shared by all)."""
+    models = {}
+    for name, path in zip(autoencoder_names(cfg), cfg.autoencoder):
+        models[name] = load_autoencoder(path, d.device, cfg.image_size or (next(iter(models.values())).img_size if models else None))
+        print0(f"{name}: {type(models[name]).__name__} {path} at {models[name].img_size} px")
+    return models
+
+
+def evaluation_images(cfg, size):
+    dataset = build_dataset(cfg.data, size, train=False, split='val')
     if cfg.num_images:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg.num_images, len(dataset))))
-    print0(f"{type(model).__name__} {cfg.autoencoder} at {model.img_size} px; {len(dataset)} images from {cfg.data} (ADM centre crop"
+    print0(f"{len(dataset)} images from {cfg.data} (ADM centre crop"
            f"{'' if cfg.data == 'builtin' else '; the authors evaluate_tokenizer.py used Resize + CenterCrop instead'})")
-    return model, dataset
+    return dataset
 
 
 def reconstruction_tools(cfg, d):
@@ -410,62 +237,152 @@ def reconstruction_tools(cfg, d):
 
 
 def run_recon(cfg, d):
-    model, dataset = load_model_and_data(cfg, d)
+    """Table 1: one column per autoencoder, and the thumbnail of the first one's latent size."""
+    models = load_autoencoders(cfg, d)
+    dataset = evaluation_images(cfg, next(iter(models.values())).img_size)
     inception, lpips_net = reconstruction_tools(cfg, d)
-    latent_numbers = model.latent_dim * model.grid ** 2
-    side = thumbnail_side(latent_numbers)
-    results = evaluate_reconstruction(model, dataset, d, (0.0,), None, cfg.batch_size, cfg.num_workers, inception, lpips_net,
-                                      thumbnail_side=side)
+    results = {}
+    for name, model in models.items():
+        latent_numbers = model.latent_dim * model.grid ** 2
+        out = evaluate_reconstruction(model, dataset, d, (0.0,), None, cfg.batch_size, cfg.num_workers, inception, lpips_net,
+                                      thumbnail_side=thumbnail_side(latent_numbers))
+        if d.master:
+            results[name] = {**out[0.0], 'latent_numbers': latent_numbers, 'thumbnail': out['thumbnail'], 'path': cfg.autoencoder[len(results)]}
     if not d.master:
         return
-    metrics, thumbnail = results[0.0], results['thumbnail']
-    print_table(['metric', type(model).__name__, f'{side}x{side} thumbnail'],
-                [[METRIC_LABELS[k], format_value(v), format_value(thumbnail[k]) if k in thumbnail else ''] for k, v in metrics.items()])
-    print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} vs {latent_numbers})")
+    thumbnail = next(iter(results.values()))['thumbnail']
+    side = thumbnail['side']
+    print_table(['metric', *results, f'{side}x{side} thumbnail'],
+                [[METRIC_LABELS[k], *[format_value(r[k]) for r in results.values()], format_value(thumbnail[k]) if k in thumbnail else '']
+                 for k in ('l1', 'mse', 'psnr', 'ssim', 'lpips', 'rfid') if k in thumbnail or k in next(iter(results.values()))])
+    print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} vs "
+          f"{next(iter(results.values()))['latent_numbers']})")
     if thumbnail['exact']:
         print(f"(its PSNR is infinite: it copies {thumbnail['exact']} flat images exactly)")
-    write_results(cfg.out or cfg.autoencoder.rstrip('/') + '.recon.json', {**metrics, 'data': cfg.data, 'n_images': len(dataset), 'image_size': model.img_size,
-                                                       'latent_numbers': latent_numbers, 'thumbnail': thumbnail}, cfg, inception)
+    write_results(output_path(cfg, 'recon'), {'autoencoders': results, 'data': cfg.data, 'n_images': len(dataset),
+                                              'image_size': next(iter(models.values())).img_size}, cfg, inception)
 
 
-def latent_std_for(cfg, model, dataset, d):
-    """--latent_stats' std, else one measured on the evaluated images. -> (std (C,), where it came from)"""
+def latent_std_for(cfg, name, model, dataset, d):
+    """--latent_stats' std, else one measured on the evaluated images, of the latent a DiT learns (a posterior
+    sample of a VMAE, the mean of a convolutional model). -> (std (C,), where it came from)"""
     if cfg.latent_stats:
         std, source = read_latent_stats(cfg.latent_stats)['std'], f"from {cfg.latent_stats}"
     else:
-        std = measure_latent_std(model, dataset, d, cfg.batch_size, cfg.num_workers, cfg.seed)
-        source = f"measured on posterior samples of the {len(dataset)} evaluated images"
+        sample = dit_latent(model) == 'sample'
+        std = measure_latent_std(model, dataset, d, cfg.batch_size, cfg.num_workers, cfg.seed, sample)
+        source = f"measured on the posterior {'samples' if sample else 'means'} of the {len(dataset)} evaluated images"
     if len(std) != model.latent_dim:
         raise ValueError(f"the latent statistics have {len(std)} channels, the autoencoder {model.latent_dim}")
-    print0(f"latent std per channel {source}: " + ' '.join(f'{s:.3g}' for s in std.tolist()))
+    print0(f"{name}: latent std per channel {source}: " + ' '.join(f'{s:.3g}' for s in std.tolist()))
     return std, source
 
 
 def run_smoothness(cfg, d):
-    model, dataset = load_model_and_data(cfg, d)
+    """Fig. 6: reconstructions from perturbed latents, each autoencoder with its own latent std."""
+    if cfg.latent_stats and len(cfg.autoencoder) > 1:
+        raise ValueError("--latent_stats belongs to one autoencoder: with several, leave it out (each one's std is measured)")
+    models = load_autoencoders(cfg, d)
+    dataset = evaluation_images(cfg, next(iter(models.values())).img_size)
     inception, lpips_net = reconstruction_tools(cfg, d)
-    std, source = latent_std_for(cfg, model, dataset, d)
-    results = evaluate_reconstruction(model, dataset, d, cfg.eps, std, cfg.batch_size, cfg.num_workers, inception, lpips_net, cfg.seed)
+    results = {}
+    for name, model in models.items():
+        std, source = latent_std_for(cfg, name, model, dataset, d)
+        out = evaluate_reconstruction(model, dataset, d, cfg.eps, std, cfg.batch_size, cfg.num_workers, inception, lpips_net, cfg.seed)
+        results[name] = (out, std, source)
     if not d.master:
         return
-    names = list(results[cfg.eps[0]])
-    print_table(['eps', *[METRIC_LABELS[k] for k in names]], [[f'{e:g}', *[format_value(results[e][k]) for k in names]] for e in cfg.eps])
-    out = cfg.out or cfg.autoencoder.rstrip('/') + '.smoothness.json'
-    write_results(out, {'eps': {f'{e:g}': results[e] for e in cfg.eps}, 'latent_std': std.tolist(), 'latent_std_source': source,
-                        'data': cfg.data, 'n_images': len(dataset), 'seed': cfg.seed}, cfg, inception)
-    plot_smoothness(results, os.path.splitext(out)[0] + '.png')
+    for name, (out, _, _) in results.items():
+        metrics = list(out[cfg.eps[0]])
+        print(name)
+        print_table(['eps', *[METRIC_LABELS[k] for k in metrics]], [[f'{e:g}', *[format_value(out[e][k]) for k in metrics]] for e in cfg.eps])
+    path = output_path(cfg, 'smoothness')
+    write_results(path, {'autoencoders': {name: {'eps': {f'{e:g}': out[e] for e in cfg.eps}, 'latent_std': std.tolist(),
+                                                 'latent_std_source': source} for name, (out, std, source) in results.items()},
+                         'data': cfg.data, 'n_images': len(dataset), 'seed': cfg.seed}, cfg, inception)
+    plot_smoothness({name: out for name, (out, _, _) in results.items()}, os.path.splitext(path)[0] + '.png')
+
+
+def masked_pairs(cfg, size):
+    """(image, label image) pairs: the built-in shapes with their exact masks, or a folder with a mask folder."""
+    if cfg.masks == 'builtin' or cfg.data == 'builtin':
+        if (cfg.masks, cfg.data) != ('builtin', 'builtin'):
+            raise ValueError("the built-in shapes carry their own masks: pass --data builtin --masks builtin together")
+        return builtin_masked_images(size, cfg.num_images)
+    return masked_images(cfg.data, SegmentationMasks(cfg.masks), size, cfg.num_images)
 
 
 def run_compression(cfg, d):
+    """Fig. 7: sigma^2 and rho of each autoencoder's latent tokens and of the raw image."""
     if d.ddp:
         raise ValueError("compression runs in one process (it only encodes): start it with python, not torchrun")
-    model = load_autoencoder(cfg.autoencoder, d.device, cfg.image_size or None)
-    results = evaluate_compression(model, cfg.data, SegmentationMasks(cfg.masks), model.img_size, d.device,
-                                   cfg.num_images, cfg.batch_size)
+    models = load_autoencoders(cfg, d)
+    size = next(iter(models.values())).img_size
+    results = evaluate_compression(models, masked_pairs(cfg, size), d.device, cfg.batch_size)
     print_table(['features', 'sigma^2', 'rho', 'images with rho'],
-                [[k, format_value(results[k]['sigma2']), format_value(results[k]['rho']), results[k]['n_rho']] for k in ('latent', 'pixel')])
-    write_results(cfg.out or cfg.autoencoder.rstrip('/') + '.compression.json', {**results, 'data': cfg.data, 'masks': cfg.masks,
-                                                             'image_size': model.img_size}, cfg)
+                [[k if k != 'pixel' else 'raw image', format_value(results[k]['sigma2']), format_value(results[k]['rho']), results[k]['n_rho']]
+                 for k in [*models, 'pixel']])
+    path = output_path(cfg, 'compression')
+    write_results(path, {'autoencoders': {k: results[k] for k in models}, 'pixel': results['pixel'], 'n_images': results['n_images'],
+                         'data': cfg.data, 'masks': cfg.masks, 'image_size': size}, cfg)
+    plot_compression({k: results[k] for k in [*models, 'pixel']}, os.path.splitext(path)[0] + '.png',
+                     f"{cfg.data}: {results['n_images']} images")
+
+
+def run_kmeans(cfg, d):
+    """Fig. 4: k-means clusters of each autoencoder's latent tokens over the images, for each k."""
+    models = load_autoencoders(cfg, d)
+    size = next(iter(models.values())).img_size
+    dataset = build_dataset(cfg.data, size, train=False, split='val')
+    if max(cfg.images) >= len(dataset):
+        raise ValueError(f"--images: {cfg.data} has {len(dataset)} images, so indices go up to {len(dataset) - 1}")
+    x = torch.stack([dataset[i][0] for i in cfg.images])
+    images = to_uint8(x).numpy()
+    maps = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            tokens = standardise_tokens(model.encode(x.to(d.device)).mean.flatten(2).transpose(1, 2).cpu())  # (h*w, C) per image
+            maps[name] = [[kmeans(t, k, cfg.seed).tolist() for k in cfg.ks] for t in tokens]
+    path = output_path(cfg, 'kmeans')
+    write_results(path, {'autoencoders': maps, 'images': list(cfg.images), 'ks': list(cfg.ks), 'data': cfg.data}, cfg)
+    plot_kmeans(images, maps, cfg.ks, next(iter(models.values())).grid, os.path.splitext(path)[0] + '.png')
+
+
+def run_projection(cfg, d):
+    """Fig. 8: one image's latent tokens on their two principal axes, coloured by segment, with each
+    autoencoder's sigma^2 over the evaluated set."""
+    models = load_autoencoders(cfg, d)
+    size = next(iter(models.values())).img_size
+    tokens = token_features(models, masked_pairs(cfg, size), d.device, cfg.batch_size)
+    if cfg.image >= len(tokens['labels']):
+        raise ValueError(f"--image {cfg.image}: only {len(tokens['labels'])} images with masks were read (see --num_images)")
+    labels = tokens['labels'][cfg.image]
+    panels = {}
+    for name in models:
+        sigma2 = compression_statistics(tokens[name], tokens['labels'])['sigma2']
+        xy = project_2d(standardise_tokens(tokens[name])[cfg.image][labels > 0])
+        panels[name] = (xy.tolist(), labels[labels > 0].tolist(), sigma2)
+    path = output_path(cfg, 'projection')
+    write_results(path, {'autoencoders': {n: {'xy': p[0], 'labels': p[1], 'sigma2': p[2]} for n, p in panels.items()},
+                         'image': cfg.image, 'n_images': len(tokens['labels']), 'data': cfg.data, 'masks': cfg.masks}, cfg)
+    plot_projection(panels, tokens['images'][cfg.image], os.path.splitext(path)[0] + '.png')
+
+
+def run_radar(cfg, d):
+    """Fig. 2 from the JSONs of recon (required), smoothness, compression and fid (per autoencoder)."""
+    read = lambda path: json.load(open(path)) if path else None
+    generation = {}
+    for item in cfg.generation:
+        name, sep, path = item.partition('=')
+        if not sep:
+            raise ValueError(f"--generation takes name=path pairs (an evaluate.py fid JSON per autoencoder), got '{item}'")
+        generation[name] = read(path)
+    scores = radar_scores(read(cfg.recon), read(cfg.smoothness), read(cfg.compression), generation or None)
+    scaled = rescale(scores)
+    print_table(['axis', *next(iter(scores.values()))], [[axis, *[f'{v:.4g}' for v in values.values()]] for axis, values in scores.items()])
+    path = cfg.out or os.path.join(os.path.dirname(cfg.recon), 'radar.json')
+    write_results(path, {'scores': scores, 'rescaled': scaled}, cfg)
+    plot_radar(scaled, os.path.splitext(path)[0] + '.png')
 
 
 def run_solvers(cfg, d):
@@ -540,6 +457,12 @@ COMMANDS = {
                           'Latent smoothness (Fig. 6): reconstruction metrics from latents perturbed by eps x channel std x N(0, I).'),
     'compression': Command(CompressionConfig, run_compression, ('autoencoder', 'data', 'masks'),
                            'Perceptual compression (Fig. 7): within-segment variance and disentanglement of latents vs pixels.'),
+    'kmeans': Command(KmeansConfig, run_kmeans, ('autoencoder', 'data'),
+                      'Hierarchical compression (Fig. 4): k-means clusters of the latent tokens over images, for several k.'),
+    'projection': Command(ProjectionConfig, run_projection, ('autoencoder', 'data', 'masks'),
+                          "Compressed latents (Fig. 8): one image's tokens on two principal axes, coloured by segment."),
+    'radar': Command(RadarConfig, run_radar, ('recon',),
+                     'The summary (Fig. 2): each property rescaled over the autoencoders, from the JSONs of the commands above.'),
     'solvers': Command(SolversConfig, run_solvers, ('dit',),
                        'Sampler accuracy: Euler and Heun at several step counts against a fine reference, same noise.'),
     'recognition': Command(RecognitionConfig, run_recognition, ('dit', 'data'),
@@ -552,6 +475,8 @@ def check_config(cfg):
     autoencoder's size, all images). An autoencoder command's image size must give whole latents (f8)."""
     if isinstance(cfg, FidConfig):
         return common.check_settings(cfg, at_least={'batch_size': 1, 'image_size': 1}, zero_ok=('image_size',))
+    if isinstance(cfg, RadarConfig):
+        return
     if isinstance(cfg, SamplingConfig):
         common.check_settings(cfg, at_least={'num_samples': 1, 'batch_size': 1, 'seed': 0, 'cfg_interval_start': 0, 'shift': 0})
         if isinstance(cfg, SolversConfig):
@@ -563,6 +488,10 @@ def check_config(cfg):
         common.check_settings(cfg, at_least={'num_workers': 0})
     if isinstance(cfg, SmoothnessConfig):
         common.check_settings(cfg, at_least={'eps': 0, 'seed': 0})
+    if isinstance(cfg, KmeansConfig):
+        common.check_settings(cfg, at_least={'images': 0, 'ks': 1, 'seed': 0})
+    if isinstance(cfg, ProjectionConfig):
+        common.check_settings(cfg, at_least={'image': 0})
 
 
 def parse_command(argv):
@@ -588,7 +517,7 @@ def main(argv=None):
         if missing:
             raise ValueError(f"evaluate.py {name} needs {' and '.join(missing)} (see evaluate.py {name} -h)")
         check_config(cfg)
-        d = common.setup_distributed(cfg.device)
+        d = common.setup_distributed(getattr(cfg, 'device', 'cpu'))  # radar only reads JSON files
         command.run(cfg, d)
         common.cleanup_distributed()  # not on an error: a rank that fails leaves, and torchrun stops the others
 

@@ -105,9 +105,8 @@ def main(cfg):
     if not ae_path:
         raise ValueError("no autoencoder given: pass --autoencoder (a train_vmae.py checkpoint, the authors' vmaef8d16.pth, "
                          "or a diffusers vae/ folder)")
-    kind = autoencoders.autoencoder_kind(ae_path)
     autoencoder = autoencoders.load_autoencoder(ae_path, device, img_size=cfg.image_size)
-    posterior = cfg.posterior if cfg.posterior != 'auto' else 'sample' if kind == 'vmae' else 'mode'
+    posterior = cfg.posterior if cfg.posterior != 'auto' else autoencoders.dit_latent(autoencoder)
     source = {'data': cfg.data, 'image_size': cfg.image_size, 'autoencoder_sha256': fileio.file_sha256(ae_path), 'posterior': posterior}
     meta = read_meta(latent_dir)
     check_latents_match(meta, source, latent_dir)

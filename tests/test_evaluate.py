@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import adm
 import analyses
 import common
 import evaluate
@@ -393,27 +394,27 @@ def test_lpips_matches_the_network():
 def test_npz_streaming_and_checks(tmp_path):
     images = random_images(11, 8)
     np.savez(tmp_path / 'a.npz', images, np.arange(11))
-    src = evaluate.open_images(str(tmp_path / 'a.npz'))
+    src = adm.open_images(str(tmp_path / 'a.npz'))
     assert len(src) == 11 and src.stored_statistics() is None
     assert np.array_equal(np.concatenate(list(src.batches(3, 11, 4))), images[3:])
     np.savez(tmp_path / 'float.npz', images.astype(np.float32))
     np.savez(tmp_path / 'chw.npz', images.transpose(0, 3, 1, 2).copy())
     with pytest.raises(ValueError, match='uint8'):
-        evaluate.open_images(str(tmp_path / 'float.npz'))
+        adm.open_images(str(tmp_path / 'float.npz'))
     with pytest.raises(ValueError, match='channels first'):
-        evaluate.open_images(str(tmp_path / 'chw.npz'))
+        adm.open_images(str(tmp_path / 'chw.npz'))
 
 
 def test_folder_input(tmp_path):
     images = random_images(5, 24)
     for i, im in enumerate(images):
         Image.fromarray(im).save(tmp_path / f'{i:03d}.png')
-    src = evaluate.open_images(str(tmp_path))
+    src = adm.open_images(str(tmp_path))
     assert np.array_equal(np.concatenate(list(src.batches(0, 5, 2))), images)
     Image.fromarray(random_images(1, 30)[0]).save(tmp_path / '999.png')
     with pytest.raises(ValueError, match='--image-size'):
-        list(evaluate.open_images(str(tmp_path)).batches(0, 6, 6))
-    cropped = np.concatenate(list(evaluate.open_images(str(tmp_path), image_size=16).batches(0, 6, 6)))
+        list(adm.open_images(str(tmp_path)).batches(0, 6, 6))
+    cropped = np.concatenate(list(adm.open_images(str(tmp_path), image_size=16).batches(0, 6, 6)))
     assert cropped.shape == (6, 16, 16, 3)
 
 
@@ -424,8 +425,8 @@ def test_statistics_only_reference(tmp_path, monkeypatch):
     np.savez(tmp_path / 'ref.npz', **stats)
     np.savez(tmp_path / 'samples.npz', random_images(5, 16))
     calls = []
-    monkeypatch.setattr(evaluate, 'frechet_distance', lambda *s: calls.append(s) or 1.0)
-    results, info = evaluate.evaluate_generation(evaluate.open_images(str(tmp_path / 'ref.npz')), evaluate.open_images(str(tmp_path / 'samples.npz')),
+    monkeypatch.setattr(adm, 'frechet_distance', lambda *s: calls.append(s) or 1.0)
+    results, info = adm.evaluate_generation(adm.open_images(str(tmp_path / 'ref.npz')), adm.open_images(str(tmp_path / 'samples.npz')),
                                                  FakeInception(), common.setup_distributed('cpu'), use_cache=False)
     assert results['precision'] is None and results['recall'] is None and results['IS'] > 0
     assert np.array_equal(calls[0][3], stats['sigma']) and np.array_equal(calls[1][3], stats['sigma_s'])
@@ -438,9 +439,9 @@ def test_statistics_cache(tmp_path):
     np.savez(path, images)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     fake, d = FakeInception(), common.setup_distributed('cpu')
-    first = evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
+    first = adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 2 and os.path.isfile(str(path) + '.inception_stats.npz')
-    second = evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
+    second = adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 2  # read from the sidecar
     for k in ('pool', 'logits', 'mu', 'sigma', 'mu_s', 'sigma_s'):
         np.testing.assert_array_equal(first[k], second[k])
@@ -448,12 +449,12 @@ def test_statistics_cache(tmp_path):
     np.testing.assert_allclose(first['mu'], first['pool'].astype(np.float64).mean(0))
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # the user's file is never rewritten
     fake.sha256 = 'e' * 64  # other weights: recompute
-    evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
+    adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 4
     np.savez(path, images[:5])  # other images: recompute
-    evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
+    adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 6
-    evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4, use_cache=False)
+    adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4, use_cache=False)
     assert fake.calls == 8
 
 # -----------------------------------------------------------------------------
@@ -537,7 +538,7 @@ def test_recon_cli_builtin(tmp_path, vmae_file, capsys):
     evaluate.main(['recon', '--vmae', vmae_file, '--data', 'builtin', '--num-images', '6', '--batch-size', '4',
                    '--num-workers', '0', '--no-rfid', '--no-lpips', '--device', 'cpu', '--out', str(out)])
     assert 'PSNR' in capsys.readouterr().out
-    results = json.loads(out.read_text())
+    results = json.loads(out.read_text())['autoencoders']['vmae_tiny']
     model = vmae.load_vmae(vmae_file)
     x = torch.stack([BuiltinShapes(32, split='val')[i][0] for i in range(6)])
     with torch.no_grad():
@@ -545,7 +546,7 @@ def test_recon_cli_builtin(tmp_path, vmae_file, capsys):
     assert results['psnr'] == pytest.approx(metrics.psnr_per_image(recon, original).mean(), rel=1e-9)
     assert results['ssim'] == pytest.approx(metrics.ssim_per_image(recon, original).mean(), rel=1e-9)
     assert results['mse'] == pytest.approx(((recon / 255.0 - original / 255.0) ** 2).mean(), rel=1e-9)
-    assert results['n_images'] == 6 and 'rfid' not in results and 'lpips' not in results
+    assert json.loads(out.read_text())['n_images'] == 6 and 'rfid' not in results and 'lpips' not in results
     # beside it, the bicubic thumbnail with no more numbers than the 16 x 4 x 4 latent: 9 x 9 x 3 = 243
     thumbnails = analyses.thumbnail_reconstruction(original, 9)
     assert results['latent_numbers'] == 256 and results['thumbnail']['side'] == 9
@@ -581,9 +582,10 @@ def test_smoothness_cli(tmp_path, vmae_file, capsys):
     out = tmp_path / 'smooth.json'
     evaluate.main(['smoothness', '--vmae', vmae_file, '--data', 'builtin', '--num-images', '4', '--eps', '0,0.1',
                    '--num-workers', '0', '--no-rfid', '--no-lpips', '--device', 'cpu', '--out', str(out)])
-    assert 'measured on posterior samples' in capsys.readouterr().out
-    results = json.loads(out.read_text())
+    assert 'measured on the posterior samples' in capsys.readouterr().out
+    results = json.loads(out.read_text())['autoencoders']['vmae_tiny']
     assert set(results['eps']) == {'0', '0.1'} and len(results['latent_std']) == 16
+    assert (tmp_path / 'smooth.png').stat().st_size > 0
 
 
 def segmented_images(num_images=30, tokens=64, seed=0):
@@ -654,18 +656,17 @@ def test_compression_end_to_end(tmp_path, vmae_file):
         colours = rng.integers(0, 256, (4, 3))
         Image.fromarray(np.uint8(colours[labels])).save(tmp_path / 'images' / f'img{i}.png')
         Image.fromarray(labels).save(tmp_path / 'masks' / f'img{i}.png')
-    model = vmae.load_vmae(vmae_file)
-    results = analyses.evaluate_compression(model, str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / 'masks')),
-                                            32, 'cpu')
+    models = {'vmae': vmae.load_vmae(vmae_file)}
+    pairs = lambda masks: analyses.masked_images(str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / masks)), 32)
+    results = analyses.evaluate_compression(models, pairs('masks'), 'cpu')
     assert results['n_images'] == 3 and results['pixel']['sigma2'] == pytest.approx(0, abs=1e-9)
-    assert 0 <= results['latent']['sigma2'] <= 1 and results['latent']['n_rho'] == 3
+    assert 0 <= results['vmae']['sigma2'] <= 1 and results['vmae']['n_rho'] == 3
     os.rename(tmp_path / 'masks' / 'img0.png', tmp_path / 'masks' / 'other.png')
-    assert analyses.evaluate_compression(model, str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / 'masks')),
-                                         32, 'cpu')['n_images'] == 2  # images without a mask are left out
+    assert analyses.evaluate_compression(models, pairs('masks'), 'cpu')['n_images'] == 2  # images without a mask are left out
     os.makedirs(tmp_path / 'unrelated')
     Image.fromarray(labels).save(tmp_path / 'unrelated' / 'zzz.png')
     with pytest.raises(ValueError, match='none of the images'):
-        analyses.evaluate_compression(model, str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / 'unrelated')), 32, 'cpu')
+        analyses.evaluate_compression(models, pairs('unrelated'), 'cpu')
 
 # -----------------------------------------------------------------------------
 # DDP sharding
@@ -674,7 +675,7 @@ def shard_worker(rank, world_size, port, npz_path, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (as DataLoader workers)
     d = common.setup_distributed('cpu')
-    feats = evaluate.extract_features(FakeInception(), evaluate.open_images(npz_path), d, batch_size=2)  # shards (0, 2), (2, 5)
+    feats = adm.extract_features(FakeInception(), adm.open_images(npz_path), d, batch_size=2)  # shards (0, 2), (2, 5)
     np.save(os.path.join(out_dir, f'pool{rank}.npy'), feats['pool'])
     common.cleanup_distributed()
 
@@ -687,7 +688,7 @@ def test_ddp_features_in_input_order(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.start_processes(shard_worker, args=(2, port, str(tmp_path / 'x.npz'), str(tmp_path)), nprocs=2,
                                           start_method='fork')  # fork: no re-import of torch in the workers
-    single = evaluate.extract_features(FakeInception(), evaluate.open_images(str(tmp_path / 'x.npz')),
+    single = adm.extract_features(FakeInception(), adm.open_images(str(tmp_path / 'x.npz')),
                                        common.setup_distributed('cpu'), batch_size=2)
     for rank in range(2):  # every rank holds all features, in input order
         np.testing.assert_allclose(np.load(tmp_path / f'pool{rank}.npy'), single['pool'], atol=1e-5)

@@ -1,0 +1,134 @@
+"""
+The paper's figures, drawn from what analyses.py and evaluate.py compute, for any set of autoencoders:
+Fig. 6 (smoothness curves), Fig. 7 (the sigma^2 / rho plane), Fig. 4 (k-means maps of the latent
+tokens), Fig. 8 (2-D projections of one image's tokens), Fig. 2 (the radar), and the sampler study's
+error curves. Every function writes one PNG and returns its path.
+"""
+
+import math
+
+import matplotlib
+import numpy as np
+
+matplotlib.use('Agg')  # files, no window: plots are written on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+
+from common import print0  # noqa: E402
+from metrics import METRIC_LABELS  # noqa: E402
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print0(f"plot: {path}")
+    return path
+
+
+def plot_smoothness(curves, path):
+    """Fig. 6: each metric against the perturbation level, one line per autoencoder.
+    curves: {name: {eps: {metric: value}}}."""
+    first = next(iter(curves.values()))
+    metrics = [k for k in ('rfid', 'psnr', 'ssim', 'lpips') if k in first[min(first)]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], metrics):
+        for name, curve in curves.items():
+            eps = sorted(curve)
+            ax.plot(eps, [curve[e][k] for e in eps], 'o-', label=name)
+        ax.set(xlabel='eps (x latent std)', title=METRIC_LABELS[k])
+    axes[0][0].legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_compression(points, path, title=''):
+    """Fig. 7: sigma^2 (lower: stronger compression) against rho (higher: segments kept apart), one point
+    per autoencoder and one for the raw image. points: {name: {'sigma2', 'rho'}}."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    for name, p in points.items():
+        raw = name == 'pixel'
+        ax.scatter(p['sigma2'], p['rho'], marker='*' if raw else 'o', s=120 if raw else 50, color='k' if raw else None,
+                   label='raw image' if raw else name)
+    ax.axhline(1.0, color='grey', lw=0.6, ls=':')
+    ax.set(xlabel='sigma^2 (lower: more compressed)', ylabel='rho (higher: segments kept apart)', title=title)
+    ax.annotate('ideal', xy=(0, 1), xycoords='axes fraction', xytext=(6, -14), textcoords='offset points', color='grey')
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def overlay(image, clusters, grid, alpha=0.55):
+    """A uint8 image (H, W, 3) tinted by a (grid*grid,) cluster map, one colour per cluster."""
+    colours = plt.get_cmap('tab10')(np.arange(10))[:, :3]
+    h, w = image.shape[:2]
+    cells = colours[np.asarray(clusters) % 10].reshape(grid, grid, 3)
+    tint = np.kron(cells, np.ones((h // grid, w // grid, 1)))              # nearest-neighbour upsampling to (H, W, 3)
+    return (1 - alpha) * image / 255 + alpha * tint
+
+
+def plot_kmeans(images, maps, ks, grid, path):
+    """Fig. 4: for each image, a row per autoencoder: the image, then its latent tokens' k-means clusters
+    for each k over the image. maps: {name: [per image: [per k: (grid*grid,) clusters]]}."""
+    names = list(maps)
+    rows = len(images) * len(names)
+    fig, axes = plt.subplots(rows, 1 + len(ks), figsize=(1.6 * (1 + len(ks)), 1.6 * rows), squeeze=False)
+    for i, image in enumerate(images):
+        for j, name in enumerate(names):
+            row = axes[i * len(names) + j]
+            row[0].imshow(image)
+            row[0].set_ylabel(name, fontsize=8)
+            for col, (k, clusters) in enumerate(zip(ks, maps[name][i]), 1):
+                row[col].imshow(overlay(image, clusters, grid))
+                if i == 0 and j == 0:
+                    row[col].set_title(f'k = {k}', fontsize=9)
+            for ax in row:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    return save(fig, path)
+
+
+def plot_projection(panels, image, path):
+    """Fig. 8: one image's latent tokens on their two principal axes, coloured by segment, one panel per
+    autoencoder with its sigma^2. panels: {name: (xy (n, 2), labels (n,), sigma2)}."""
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(2.8 * (1 + len(panels)), 2.8), squeeze=False)
+    axes[0][0].imshow(image)
+    axes[0][0].set_title('image', fontsize=9)
+    axes[0][0].axis('off')
+    for ax, (name, (xy, labels, sigma2)) in zip(axes[0][1:], panels.items()):
+        xy = np.asarray(xy)
+        ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(labels), cmap='tab10', vmin=0, vmax=9, s=14)
+        ax.set_title(f'{name}\nsigma^2 = {sigma2:.3f}', fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return save(fig, path)
+
+
+def plot_radar(scaled, path):
+    """Fig. 2: one polygon per autoencoder over the axes, each axis rescaled (analyses.rescale) so that the
+    outer ring is the best score and the inner ring the worst. scaled: {axis: {name: value in (0, 1]}}."""
+    axes_names = list(scaled)
+    names = list(next(iter(scaled.values())))
+    angles = [2 * math.pi * i / len(axes_names) for i in range(len(axes_names))]
+    fig, ax = plt.subplots(figsize=(4.6, 4.6), subplot_kw={'polar': True})
+    for name in names:
+        values = [scaled[a][name] for a in axes_names]
+        ax.plot(angles + angles[:1], values + values[:1], 'o-', label=name)
+        ax.fill(angles + angles[:1], values + values[:1], alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(axes_names)
+    ax.set_ylim(0, 1)
+    ax.set_yticks([0.2, 0.6, 1.0])  # the inner ring: the worst score of each axis; the outer: the best
+    ax.set_yticklabels([])
+    ax.legend(loc='upper right', bbox_to_anchor=(1.3, 1.1), fontsize=8)
+    return save(fig, path)
+
+
+def plot_solvers(rows, path):
+    """Latent error and image PSNR against DiT forwards per sample, one line per solver (log-log)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for solver in dict.fromkeys(r['solver'] for r in rows):
+        mine = [r for r in rows if r['solver'] == solver]
+        axes[0].loglog([r['forwards'] for r in mine], [r['latent_rmse'] for r in mine], 'o-', label=solver)
+        axes[1].semilogx([r['forwards'] for r in mine], [r['psnr'] for r in mine], 'o-', label=solver)
+    axes[0].set(xlabel='DiT forwards per sample', ylabel='latent RMS error vs reference')
+    axes[1].set(xlabel='DiT forwards per sample', ylabel='PSNR vs reference (dB)')
+    axes[0].legend()
+    return save(fig, path)

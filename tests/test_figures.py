@@ -1,0 +1,128 @@
+"""
+The paper's analysis framework for several autoencoders at once (Table 1, Figs. 2, 4, 6, 7, 8): the
+built-in shapes' exact masks, k-means, the 2-D projection, the radar's scores, and every command end to
+end on a VMAE and a convolutional autoencoder. CPU only, small. Run: python -m pytest tests/test_figures.py
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import analyses
+import convae
+import data
+import evaluate
+import vmae
+
+
+def test_builtin_masks_are_the_drawn_shapes():
+    dataset = data.BuiltinShapes(32, split='val')
+    for index in (0, 3, 8):  # a disc, a ring, the full-image checker texture
+        image, labels = dataset.image_and_mask(index)
+        assert torch.equal(data.to_tensor(image), dataset[index][0]) and labels.shape == (32, 32)
+        assert set(np.unique(labels)) == {1, 2}
+        pixels = np.asarray(image, dtype=float)
+        # the shape's colour sits where the mask says shape: far from the background's mean colour
+        distance = np.linalg.norm(pixels - pixels[labels == 1].mean(0), axis=-1)
+        assert np.median(distance[labels == 2]) > 3 * np.median(distance[labels == 1])
+    pairs = list(analyses.builtin_masked_images(32, num_images=5))
+    assert len(pairs) == 5 and pairs[0][1].mode == 'P'
+
+
+def test_kmeans_finds_separated_blobs_and_numbers_them_by_size():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=10, size=(3, 4))
+    sizes = [5, 20, 11]
+    x = np.concatenate([c + rng.normal(size=(n, 4)) for c, n in zip(centres, sizes)])
+    clusters = analyses.kmeans(x, 3, seed=1).numpy()
+    truth = np.repeat([2, 0, 1], sizes)  # the largest blob is cluster 0, the smallest 2
+    assert np.array_equal(clusters, truth)
+    assert np.array_equal(analyses.kmeans(x, 3, seed=1).numpy(), clusters)  # seeded
+    assert set(analyses.kmeans(x, 1).tolist()) == {0}
+
+
+def test_projection_keeps_the_two_widest_directions():
+    rng = np.random.default_rng(0)
+    plane = rng.normal(size=(200, 2)) * [5.0, 2.0]
+    basis = np.linalg.qr(rng.normal(size=(6, 6)))[0][:2]
+    xy = analyses.project_2d(plane @ basis + 0.01 * rng.normal(size=(200, 6)) + 3).numpy()
+    assert xy.shape == (200, 2) and abs(xy.mean(0)).max() < 1e-9
+    assert xy[:, 0].std() == pytest.approx(plane[:, 0].std(), rel=0.05)
+    assert xy[:, 1].std() == pytest.approx(plane[:, 1].std(), rel=0.05)
+
+
+def test_radar_scores_by_hand():
+    recon = {'autoencoders': {'a': {'psnr': 30.0, 'lpips': 0.1}, 'b': {'psnr': 25.0, 'lpips': 0.3}}}
+    smooth = {'autoencoders': {'a': {'eps': {'0': {'psnr': 30.0}, '0.1': {'psnr': 20.0}, '0.2': {'psnr': 10.0}}},
+                               'b': {'eps': {'0': {'psnr': 25.0}, '0.1': {'psnr': 24.0}, '0.2': {'psnr': 23.0}}}}}
+    compression = {'autoencoders': {'a': {'sigma2': 0.2, 'rho': 1.5}, 'b': {'sigma2': 0.1, 'rho': 1.0}}}
+    scores = analyses.radar_scores(recon, smooth, compression, {'a': {'FID': 5.0}, 'b': {'FID': 9.0}})
+    assert scores == {'smoothness': {'a': -15.0, 'b': -1.5}, 'compression': {'a': pytest.approx(1.3), 'b': pytest.approx(0.9)},
+                      'PSNR': {'a': 30.0, 'b': 25.0}, 'LPIPS': {'a': -0.1, 'b': -0.3}, 'gFID': {'a': -5.0, 'b': -9.0}}
+    scaled = analyses.rescale({**scores, 'flat': {'a': 1.0, 'b': 1.0}})
+    assert scaled['smoothness'] == {'a': 0.2, 'b': 1.0} and scaled['PSNR'] == {'a': 1.0, 'b': 0.2} and scaled['flat'] == {'a': 1.0, 'b': 1.0}
+    with pytest.raises(ValueError, match=r"the compression results have no \['b'\]"):
+        analyses.radar_scores(recon, compression={'autoencoders': {'a': {'sigma2': 0.2, 'rho': 1.5}}})
+
+
+@pytest.fixture(scope='module')
+def two_autoencoders(tmp_path_factory):
+    """A random VMAE-tiny and ConvAE-tiny for 32 px, saved as their trainers save them."""
+    root = tmp_path_factory.mktemp('aes')
+    torch.manual_seed(0)
+    for name, model, save in (('vmae', vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=False), vmae.vmae_checkpoint),
+                              ('conv', convae.ConvAE_models['ConvAE-tiny'](img_size=32), convae.convae_checkpoint)):
+        (root / name).mkdir()
+        torch.save(save(model), root / name / 'last.pt')
+    return root
+
+
+def test_every_figure_for_two_autoencoders(two_autoencoders, tmp_path, capsys):
+    aes = [str(two_autoencoders / 'vmae' / 'last.pt'), str(two_autoencoders / 'conv' / 'last.pt')]
+    common = ['--autoencoder', *aes, '--data', 'builtin', '--num_images', '8', '--device', 'cpu']
+    offline = ['--no_rfid', '--no_lpips', '--num_workers', '0']
+    out = lambda name: str(tmp_path / f'{name}.json')
+    evaluate.main(['recon', *common, *offline, '--out', out('recon')])
+    table = capsys.readouterr().out
+    assert 'vmae' in table and 'conv' in table and '9x9 thumbnail' in table
+    recon = json.load(open(out('recon')))['autoencoders']
+    assert list(recon) == ['vmae', 'conv'] and all(0 < r['psnr'] < 60 for r in recon.values())
+    evaluate.main(['smoothness', *common, *offline, '--eps', '0', '0.5', '--out', out('smoothness')])
+    smooth = json.load(open(out('smoothness')))['autoencoders']
+    assert 'posterior samples' in smooth['vmae']['latent_std_source'] and 'posterior means' in smooth['conv']['latent_std_source']
+    evaluate.main(['compression', *common, '--masks', 'builtin', '--out', out('compression')])
+    compression = json.load(open(out('compression')))
+    assert compression['n_images'] == 8 and set(compression['autoencoders']) == {'vmae', 'conv'}
+    assert 0 < compression['pixel']['sigma2'] < 1 and compression['pixel']['rho'] > 1  # raw pixels tell a shape from its background
+    evaluate.main(['kmeans', *common, '--images', '0', '5', '--ks', '2', '4', '--out', out('kmeans')])
+    maps = json.load(open(out('kmeans')))['autoencoders']
+    assert [len(maps['conv']), len(maps['conv'][0]), len(maps['conv'][0][1])] == [2, 2, 16] and max(maps['vmae'][1][1]) <= 3
+    evaluate.main(['projection', *common, '--masks', 'builtin', '--image', '2', '--out', out('projection')])
+    panel = json.load(open(out('projection')))['autoencoders']['conv']
+    assert len(panel['xy']) == len(panel['labels']) == 16 and panel['sigma2'] == pytest.approx(compression['autoencoders']['conv']['sigma2'])
+    evaluate.main(['radar', '--recon', out('recon'), '--smoothness', out('smoothness'), '--compression', out('compression')])
+    radar = json.load(open(tmp_path / 'radar.json'))
+    assert list(radar['scores']) == ['smoothness', 'compression', 'PSNR']  # no perceptual axis: rFID and LPIPS were skipped
+    assert sorted(radar['rescaled']['PSNR'].values()) == [0.2, 1.0]
+    for name in ('smoothness', 'compression', 'kmeans', 'projection', 'radar'):
+        assert Image.open(tmp_path / f'{name}.png').size[0] > 100, name
+
+
+def test_figure_inputs_fail_in_one_line(two_autoencoders, tmp_path, capsys):
+    vmae_file = str(two_autoencoders / 'vmae' / 'last.pt')
+    for argv, message in [
+        (['kmeans', '--autoencoder', vmae_file, '--data', 'builtin', '--images', '100000'], 'indices go up to 9999'),
+        (['compression', '--autoencoder', vmae_file, '--data', str(tmp_path), '--masks', 'builtin'], '--data builtin --masks builtin together'),
+        (['recon', '--autoencoder', vmae_file, vmae_file, '--names', 'a', '--data', 'builtin'], '--names gives 1 names for 2'),
+        (['smoothness', '--autoencoder', vmae_file, vmae_file, '--data', 'builtin', '--latent_stats', 'x.pt'], 'belongs to one autoencoder'),
+        (['kmeans', '--autoencoder', vmae_file, '--data', 'builtin', '--ks', '0'], '--ks must be at least 1'),
+        (['radar', '--recon', str(tmp_path / 'none.json')], 'none.json'),
+        (['radar'], 'needs --recon'),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([*argv, '--device', 'cpu'] if argv[0] != 'radar' else argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (argv, err)
