@@ -471,6 +471,17 @@ class Meter:
         return means
 
 
+def run_stage(title, script, flags):
+    """For demo.py and study.py: run a training script (train_vmae, train_dit) with its config file and
+    flags as its command line would, resuming (or skipping) what an earlier run finished."""
+    print(f"\n== {title} ==")
+    out_dir = flags[flags.index('--out_dir') + 1]
+    if os.path.isfile(os.path.join(out_dir, 'last.pt')):
+        flags = flags + ['--resume']
+    print(f"$ python {script.__name__}.py {' '.join(flags)}")
+    script.main(parse_config(script.Config, flags))
+
+
 def print0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)

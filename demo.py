@@ -40,10 +40,10 @@ def main():
     torch.manual_seed(0)
     stage1_ckpt, vmae_ckpt = os.path.join(OUT, 'vmae_stage1', 'last.pt'), os.path.join(OUT, 'vmae', 'last.pt')
     dit_ckpt = os.path.join(OUT, 'dit', 'last.pt')
-    stage("1/5 train the VMAE: masked pre-training", train_vmae, ['configs/vmae_small.py', '--out_dir', os.path.dirname(stage1_ckpt)])
-    stage("1/5 train the VMAE: decoder fine-tuning", train_vmae,
+    common.run_stage("1/5 train the VMAE: masked pre-training", train_vmae, ['configs/vmae_small.py', '--out_dir', os.path.dirname(stage1_ckpt)])
+    common.run_stage("1/5 train the VMAE: decoder fine-tuning", train_vmae,
           ['configs/vmae_small_stage3.py', '--init_from', stage1_ckpt, '--out_dir', os.path.dirname(vmae_ckpt)])
-    stage("2/5 extract latents and train the DiT", train_dit,
+    common.run_stage("2/5 extract latents and train the DiT", train_dit,
           ['configs/dit_small.py', '--autoencoder', vmae_ckpt, '--out_dir', os.path.dirname(dit_ckpt)])
 
     print("\n== 3/5 sample every class ==")
@@ -84,16 +84,6 @@ DiT samples whose shape a colour-blind classifier names as their class: {100 * r
     so the samples are recognised {100 * rates['samples_mean'] / rates['real_mean']:.0f}% as often as real images
     a grid of every class: {grid}
 checkpoints: {stage1_ckpt}, {vmae_ckpt}, {dit_ckpt}""")
-
-
-def stage(title, script, flags):
-    """Run a training script with its config file, resuming (or skipping) what an earlier run finished."""
-    print(f"\n== {title} ==")
-    out_dir = flags[flags.index('--out_dir') + 1]
-    if os.path.isfile(os.path.join(out_dir, 'last.pt')):
-        flags = flags + ['--resume']
-    print(f"$ python {script.__name__}.py {' '.join(flags)}")
-    script.main(common.parse_config(script.Config, flags))
 
 
 def latest(folder, prefix):

@@ -126,3 +126,21 @@ def test_figure_inputs_fail_in_one_line(two_autoencoders, tmp_path, capsys):
             evaluate.main([*argv, '--device', 'cpu'] if argv[0] != 'radar' else argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_the_study_wires_every_figure_and_states_the_orderings(two_autoencoders, tmp_path, monkeypatch, capsys):
+    """study.py with its five trainings replaced by random tiny models and few images: every figure is
+    written and each of the paper's orderings is reported as holding or not."""
+    import study
+    ckpts = {'vmae': str(two_autoencoders / 'vmae' / 'last.pt'), **{n: str(two_autoencoders / 'conv' / 'last.pt') for n in study.BASELINES}}
+    monkeypatch.setattr(study, 'train_all', lambda: ckpts)
+    monkeypatch.setattr(study, 'OUT', str(tmp_path))
+    for name in ('NUM_HELD_OUT', 'NUM_SMOOTHNESS', 'NUM_SEGMENTED'):
+        monkeypatch.setattr(study, name, 10)
+    study.main()
+    report = capsys.readouterr().out.split('== the five autoencoders')[1]
+    assert all(f'\n{name} ' in report for name in ckpts)
+    verdicts = [line for line in report.splitlines() if line.strip().startswith(('holds:', 'does not hold:'))]
+    assert len(verdicts) == 9
+    for name in ('smoothness', 'compression', 'projection', 'kmeans', 'radar'):
+        assert (tmp_path / f'{name}.png').exists()
