@@ -181,26 +181,20 @@ def autoencoder(name, px, device):
     return family[name](img_size=px).to(device).eval()
 
 
-def ae_encode(s, device, dtype, name):
+def ae_inference(s, device, dtype, name, part):
+    """An autoencoder's encoder (images -> posterior) or decoder (latents -> images) at encode_px."""
     model = autoencoder(name, s['encode_px'], device)
-    x = torch.rand(s['ae_infer'], 3, s['encode_px'], s['encode_px'], device=device) * 2 - 1
+    if part == 'encode':
+        x, run, size = torch.rand(s['ae_infer'], 3, s['encode_px'], s['encode_px'], device=device) * 2 - 1, model.encode, f"{s['encode_px']}px"
+    else:
+        x, run, size = torch.randn(s['ae_infer'], model.latent_dim, model.grid, model.grid, device=device), model.decode, \
+            f"{model.latent_dim}x{model.grid}x{model.grid}"
 
     @torch.no_grad()
     def step():
         with precision(dtype):
-            model.encode(x)
-    return step, len(x), f"{name} {s['encode_px']}px"
-
-
-def ae_decode(s, device, dtype, name):
-    model = autoencoder(name, s['encode_px'], device)
-    z = torch.randn(s['ae_infer'], model.latent_dim, model.grid, model.grid, device=device)
-
-    @torch.no_grad()
-    def step():
-        with precision(dtype):
-            model.decode(z)
-    return step, len(z), f"{name} {model.latent_dim}x{model.grid}x{model.grid}"
+            run(x)
+    return step, len(x), f"{name} {size}"
 
 
 def dit_train(s, device, dtype, compiled):
@@ -321,9 +315,8 @@ def plan(device, train_dtype, infer_dtype, compile_too):
             ('autoencoders', 'vmae train', train_dtype,
              lambda s: vmae_train(s, device, train_dtype, compiled=False, px=s['encode_px'], batch=s['ae_train'])),
             ('autoencoders', 'sdvae train', train_dtype, lambda s: sdvae_train(s, device, train_dtype))]
-    for part, bench in (('encode', ae_encode), ('decode', ae_decode)):
-        rows += [('autoencoders', f'{who} {part}', infer_dtype, lambda s, bench=bench, who=who: bench(s, device, infer_dtype, s[who]))
-                 for who in ('vmae', 'sdvae')]
+    rows += [('autoencoders', f'{who} {part}', infer_dtype, lambda s, who=who, part=part: ae_inference(s, device, infer_dtype, s[who], part))
+             for part in ('encode', 'decode') for who in ('vmae', 'sdvae')]
     return [row for row in rows if compile_too or row[1] != 'compiled']
 
 

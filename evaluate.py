@@ -1,22 +1,26 @@
 """
 Evaluation: ADM-compatible FID / sFID / IS / precision / recall in plain PyTorch, reconstruction metrics
-of any autoencoder (a VMAE or a convolutional baseline), and the paper's latent analyses (section 5:
-smoothness, perceptual compression).
+of any autoencoders (VMAEs or convolutional baselines, several at once), and the paper's latent
+analyses (section 5), each a JSON with its figure beside it.
 
 Generation metrics reproduce OpenAI's guided-diffusion evaluator (TensorFlow) without TensorFlow: the
-FID Inception-v3 of the TF graph (inception.py) and the metrics as ADM defines them (metrics.py).
-Statistics are float64 and TF32 is off while features are computed, so the numbers do not depend on
-the GPU generation. This file reads the inputs, shards the feature extraction over ranks, caches the
-statistics next to the inputs and runs the commands; analyses.py holds the section-5 analyses.
+FID Inception-v3 of the TF graph (inception.py), its inputs and cached features (adm.py) and the metrics
+as ADM defines them (metrics.py). Statistics are float64 and TF32 is off while features are computed, so
+the numbers do not depend on the GPU generation. analyses.py computes the section-5 analyses and
+figures.py draws them; this file runs the commands.
 
 Usage:
     python evaluate.py fid VIRTUAL_imagenet256_labeled.npz samples.npz  # FID, sFID, IS, precision, recall
     torchrun --nproc_per_node 8 evaluate.py fid REF.npz samples.npz     # Inception features sharded over GPUs
     python evaluate.py fid ref_images/ sample_images/ --image_size 256  # folders (ADM centre crop to 256)
-    python evaluate.py recon --autoencoder vmae.pt --data imagenet/val     # L1, MSE, PSNR, SSIM, LPIPS, rFID
-    python evaluate.py recon --autoencoder sdvae.pt --data builtin --no_rfid --no_lpips   # offline, no weights
-    python evaluate.py smoothness --autoencoder vmae.pt --data imagenet/val --latent_stats dit.pt
-    python evaluate.py compression --autoencoder vmae.pt --data ADE/images --masks ADE/annotations
+    python evaluate.py recon --autoencoder vmae.pt sdvae.pt --data imagenet/val   # Table 1: L1, MSE, PSNR, SSIM, LPIPS, rFID
+    python evaluate.py recon --autoencoder ae.pt --data builtin --no_rfid --no_lpips   # offline, no weights
+    python evaluate.py smoothness --autoencoder vmae.pt sdvae.pt --data imagenet/val   # Fig. 6
+    python evaluate.py compression --autoencoder vmae.pt sdvae.pt --data ADE/images --masks ADE/annotations  # Fig. 7
+    python evaluate.py projection --autoencoder vmae.pt sdvae.pt --data ADE/images --masks ADE/annotations   # Fig. 8
+    python evaluate.py kmeans --autoencoder vmae.pt sdvae.pt --data imagenet/val --images 0 7    # Fig. 4
+    python evaluate.py radar --recon analysis/recon.json --smoothness analysis/smoothness.json \
+        --compression analysis/compression.json                         # Fig. 2
     python evaluate.py solvers --dit dit.pt                             # Euler vs Heun against a fine reference
     python evaluate.py recognition --dit dit.pt --data builtin          # do samples show their class?
 `python evaluate.py REF SAMPLES` (without `fid`) also works. Inception weights: --inception PATH,

@@ -20,8 +20,8 @@ BUILDS = {  # name: (build, the SIZES key of its batch)
     'sample': (lambda s: bench.dit_sample(s, CPU, 'fp32'), 'sample'),
     'inception': (lambda s: bench.inception_forward(s, CPU, 'fp32'), 'inception'),
     'sdvae_train': (lambda s: bench.sdvae_train(s, CPU, 'fp32'), 'ae_train'),
-    'sdvae_encode': (lambda s: bench.ae_encode(s, CPU, 'fp32', s['sdvae']), 'ae_infer'),
-    'sdvae_decode': (lambda s: bench.ae_decode(s, CPU, 'fp32', s['sdvae']), 'ae_infer'),
+    'sdvae_encode': (lambda s: bench.ae_inference(s, CPU, 'fp32', s['sdvae'], 'encode'), 'ae_infer'),
+    'sdvae_decode': (lambda s: bench.ae_inference(s, CPU, 'fp32', s['sdvae'], 'decode'), 'ae_infer'),
 }
 
 
