@@ -4,6 +4,8 @@ Run: python -m pytest tests/test_train_baselines.py"""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -68,6 +70,31 @@ def test_sdvae_resumes_exactly_with_its_discriminator(tmp_path):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert torch.equal(a['disc_optimizer']['state'][0]['exp_avg'], b['disc_optimizer']['state'][0]['exp_avg'])
     assert log_rows(tmp_path / 'straight')[-1]['loss'] == log_rows(tmp_path / 'split')[-1]['loss']
+
+
+def test_two_process_ddp_with_the_discriminator_matches_one_process(tmp_path):
+    """2 ranks x 2 micro-batches == 1 rank x 4 micro-batches, one image each, for SD-VAE with its discriminator
+    on from step 1: the adaptive weight's gradients under DDP, D's own DDP wrapper and its frozen generator-side
+    calls. One image per micro-batch, because D's BatchNorm normalises over the micro-batch, which the split
+    into ranks would otherwise change. Posterior means decoded, so nothing random; squared error, whose gradient
+    is smooth (L1's sign flips with rounding, and Adam turns that into whole steps). The attention key biases are
+    not compared: their gradient is zero (softmax ignores a shift of every score), so Adam amplifies rounding."""
+    def train(out_dir, *launcher):
+        flags = [os.path.join(ROOT, 'configs', 'sdvae_small.py'), *TINY, '--batch_size', '4', '--micro_batch_size', '1', '--max_steps', '3',
+                 '--disc_start', '1', '--sample_posterior', 'false', '--pixel_loss', 'mse', '--out_dir', str(out_dir)]
+        result = subprocess.run([sys.executable, *launcher, 'train_vmae.py', *flags], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert result.returncode == 0, result.stderr
+        return checkpoint(out_dir)
+    one = train(tmp_path / 'one')
+    two = train(tmp_path / 'two', '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+    worst = max((one['model'][k] - two['model'][k]).abs().max().item() for k in one['model'] if not k.endswith('to_k.bias'))
+    assert worst < 1e-5, worst
+    # D's weights: Adam moves every element by about lr on its first steps whatever the size of its gradient, so
+    # rounding decides the direction where a gradient is ~0; the losses that D's weights produce are compared
+    for a, b in zip(log_rows(tmp_path / 'one'), log_rows(tmp_path / 'two'), strict=True):
+        assert [a[k] for k in ('loss', 'g_loss', 'd_weight', 'd_loss')] == pytest.approx([b[k] for k in ('loss', 'g_loss', 'd_weight', 'd_loss')], rel=1e-4)
+    assert log_rows(tmp_path / 'one')[-1]['d_loss'] > 0
 
 
 def test_the_discriminator_waits_for_disc_start(tmp_path):
