@@ -140,7 +140,7 @@ BAD = {
     'evaluate.py fid ref.npz samples.npz --device tpu0': "--device must be auto, cpu, cuda or cuda:N, got 'tpu0'",
     'bench.py --sample_steps 1': '--sample_steps must be at least 2 (or 0 for the default), got 1',
     'bench.py --batch_size_sample -1': '--batch_size_sample must be at least 1 (or 0 for the default), got -1',
-    'bench.py --only dit_train,decode': "--only must be one of vmae_train, dit_train, encode, sample, inception, got 'decode'",
+    'bench.py --only dit_train,decode': "--only must be one of vmae_train, dit_train, encode, sample, inception, autoencoders, got 'decode'",
     'bench.py --infer_dtype fp16': "--infer_dtype must be one of bf16, tf32, got 'fp16'",
 }
 

@@ -139,4 +139,5 @@ def test_a_convolutional_autoencoder_through_every_stage(tmp_path, capsys):
                    '--device', 'cpu'])
     assert 'ConvAE' in capsys.readouterr().out
     results = json.load(open(ae + '.recon.json'))
-    assert results['n_images'] == 16 and results['latent_numbers'] == 256 and 0 < results['psnr'] < 60
+    assert results['n_images'] == 16 and list(results['autoencoders']) == ['ae']
+    assert results['autoencoders']['ae']['latent_numbers'] == 256 and 0 < results['autoencoders']['ae']['psnr'] < 60
