@@ -246,12 +246,12 @@ def run_recon(cfg, d):
     dataset = evaluation_images(cfg, next(iter(models.values())).img_size)
     inception, lpips_net = reconstruction_tools(cfg, d)
     results = {}
-    for name, model in models.items():
+    for (name, model), path in zip(models.items(), cfg.autoencoder):
         latent_numbers = model.latent_dim * model.grid ** 2
         out = evaluate_reconstruction(model, dataset, d, (0.0,), None, cfg.batch_size, cfg.num_workers, inception, lpips_net,
                                       thumbnail_side=thumbnail_side(latent_numbers))
         if d.master:
-            results[name] = {**out[0.0], 'latent_numbers': latent_numbers, 'thumbnail': out['thumbnail'], 'path': cfg.autoencoder[len(results)]}
+            results[name] = {**out[0.0], 'latent_numbers': latent_numbers, 'thumbnail': out['thumbnail'], 'path': path}
     if not d.master:
         return
     thumbnail = next(iter(results.values()))['thumbnail']
