@@ -218,11 +218,11 @@ def builtin_masked_images(image_size, num_images=0):
 
 
 @torch.no_grad()
-def token_features(models, pairs, device, batch_size=32):
+def token_features(models, pairs, device, batch_size=32, keep_images=False):
     """Per image: each model's latent tokens (posterior mean, (h*w, C)), the raw p x p pixel patches on the
     same grid ((h*w, p*p*3), values in [0, 1]) and the majority segment label of each patch.
     models: {name: autoencoder}, all with the same patch size; pairs: (image, label image) as masked_images.
-    -> {'labels': [(h*w,)], 'pixel': [...], name: [...], 'images': [uint8 (H, W, 3)]}"""
+    -> {'labels': [(h*w,)], 'pixel': [...], name: [...], 'images': [uint8 (H, W, 3)] if keep_images}"""
     patch = {m.patch_size for m in models.values()}
     if len(patch) != 1:
         raise ValueError(f"the autoencoders downsample by different factors {sorted(patch)}: compare ones with the same grid")
@@ -237,7 +237,7 @@ def token_features(models, pairs, device, batch_size=32):
                 out[name] += model.encode((x / 127.5 - 1).to(device)).mean.flatten(2).transpose(1, 2).cpu()  # (h*w, C) each
             out['pixel'] += patchify(x / 255, p)                                                     # (h*w, p*p*3) each
             out['labels'] += [patch_labels(np.asarray(label_img).astype(np.int64), p) for _, label_img in batch]
-            out['images'] += list(images)
+            out['images'] += list(images) if keep_images else []
     return out
 
 

@@ -357,7 +357,7 @@ def run_projection(cfg, d):
     autoencoder's sigma^2 over the evaluated set."""
     models = load_autoencoders(cfg, d)
     size = next(iter(models.values())).img_size
-    tokens = token_features(models, masked_pairs(cfg, size), d.device, cfg.batch_size)
+    tokens = token_features(models, masked_pairs(cfg, size), d.device, cfg.batch_size, keep_images=True)
     if cfg.image >= len(tokens['labels']):
         raise ValueError(f"--image {cfg.image}: only {len(tokens['labels'])} images with masks were read (see --num_images)")
     labels = tokens['labels'][cfg.image]
