@@ -429,7 +429,8 @@ def print_autoencoder_ratios(rows, s):
 def print_notes(s):
     print(f"GFLOP/img: counted by PyTorch's FlopCounterMode on a one-image step: 2 per multiply-add of the matmuls, convs and attention;\n"
           f"a training step counts its forward and backward as they run (the images get no gradient: a hair under 3 x the forward).\n"
-          f"vmae_train includes LPIPS-VGG16 at {s['train_px']} px: 2 feature passes and a backward to the reconstruction.\n"
+          f"Autoencoder training rows include LPIPS-VGG16 (2 feature passes and a backward to the reconstruction): vmae_train at\n"
+          f"{s['train_px']} px, the autoencoders' at {s['encode_px']} px.\n"
           f"sample: {sampler_forwards(s['steps'])} DiT forwards per image for {s['steps']} steps, {sampler_forwards(FULL_STEPS)} for {FULL_STEPS} "
           f"(evaluations with t >= {CFG['cfg_interval_start']} are guided: batch 2N); s/img@{FULL_STEPS} scales the timed run by that ratio.\n"
           f"% of mm: achieved FLOP/s / dense matmul FLOP/s in the row's dtype (bf16 autocast rows: bf16; tf32 and fp32: fp32 matmuls).")

@@ -65,23 +65,21 @@ def overlay(image, clusters, grid, alpha=0.55):
 
 
 def plot_kmeans(images, maps, ks, grid, path):
-    """Fig. 4: for each image, a row per autoencoder: the image, then its latent tokens' k-means clusters
-    for each k over the image. maps: {name: [per image: [per k: (grid*grid,) clusters]]}."""
-    names = list(maps)
-    rows = len(images) * len(names)
-    fig, axes = plt.subplots(rows, 1 + len(ks), figsize=(1.6 * (1 + len(ks)), 1.6 * rows), squeeze=False)
-    for i, image in enumerate(images):
-        for j, name in enumerate(names):
-            row = axes[i * len(names) + j]
-            row[0].imshow(image)
-            row[0].set_ylabel(name, fontsize=8)
-            for col, (k, clusters) in enumerate(zip(ks, maps[name][i]), 1):
-                row[col].imshow(overlay(image, clusters, grid))
-                if i == 0 and j == 0:
-                    row[col].set_title(f'k = {k}', fontsize=9)
-            for ax in row:
-                ax.set_xticks([])
-                ax.set_yticks([])
+    """Fig. 4: one row per autoencoder; for each image a group of columns: the image, then its latent tokens'
+    k-means clusters for each k over it. maps: {name: [per image: [per k: (grid*grid,) clusters]]}."""
+    names, group = list(maps), 1 + len(ks)
+    fig, axes = plt.subplots(len(names), group * len(images), figsize=(1.3 * group * len(images), 1.4 * len(names)), squeeze=False)
+    for r, (row, name) in enumerate(zip(axes, names)):
+        row[0].set_ylabel(name, fontsize=9)
+        for i, image in enumerate(images):
+            row[i * group].imshow(image)
+            for j, (k, clusters) in enumerate(zip(ks, maps[name][i]), 1):
+                row[i * group + j].imshow(overlay(image, clusters, grid))
+                if r == 0:
+                    row[i * group + j].set_title(f'k = {k}', fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     return save(fig, path)
 
 
