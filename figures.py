@@ -112,6 +112,9 @@ def plot_radar(scaled, path):
         ax.fill(angles + angles[:1], values + values[:1], alpha=0.08)
     ax.set_xticks(angles)
     ax.set_xticklabels(axes_names)
+    ax.tick_params(axis='x', pad=10)
+    for label, angle in zip(ax.get_xticklabels(), angles):  # each label grows away from the ring
+        label.set_horizontalalignment('left' if math.cos(angle) > 0.1 else 'right' if math.cos(angle) < -0.1 else 'center')
     ax.set_ylim(0, 1)
     ax.set_yticks([0.2, 0.6, 1.0])  # the inner ring: the worst score of each axis; the outer: the best
     ax.set_yticklabels([])
