@@ -268,11 +268,12 @@ def kmeans(x, k, seed=0, iters=100):
     return torch.argsort(order)[assign]
 
 
-def standardise_tokens(tokens):
-    """Per-image token sets standardised per channel over all of them together (one scale for the set)."""
-    flat = torch.cat([torch.as_tensor(t, dtype=torch.float64) for t in tokens])
-    mean, std = flat.mean(0), flat.std(0, unbiased=False).clamp_min(1e-12)
-    return [(torch.as_tensor(t, dtype=torch.float64) - mean) / std for t in tokens]
+def standardise_tokens(tokens, labels=None):
+    """Per-image token sets on the set's shared scale (channel_scale: over the labelled tokens of every image,
+    or over all of them without labels), so that clusters and projections see what sigma^2 and rho see."""
+    labels = labels if labels is not None else [np.ones(len(t), np.int64) for t in tokens]
+    mean, std = channel_scale(tokens, labels)
+    return [(torch.as_tensor(np.asarray(t), dtype=torch.float64) - mean) / std for t in tokens]
 
 
 def project_2d(features):

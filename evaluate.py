@@ -217,12 +217,13 @@ def output_path(cfg, command):
 
 
 def load_autoencoders(cfg, d):
-    """{name: autoencoder} in eval mode at --image_size (default: the first one's size, shared by all)."""
-    models = {}
+    """-> ({name: autoencoder} in eval mode, their image size): --image_size, else the first one's, for all."""
+    models, size = {}, cfg.image_size or None
     for name, path in zip(autoencoder_names(cfg), cfg.autoencoder):
-        models[name] = load_autoencoder(path, d.device, cfg.image_size or (next(iter(models.values())).img_size if models else None))
-        print0(f"{name}: {type(models[name]).__name__} {path} at {models[name].img_size} px")
-    return models
+        models[name] = load_autoencoder(path, d.device, size)
+        size = models[name].img_size
+        print0(f"{name}: {type(models[name]).__name__} {path} at {size} px")
+    return models, size
 
 
 def evaluation_images(cfg, size):
@@ -242,8 +243,8 @@ def reconstruction_tools(cfg, d):
 
 def run_recon(cfg, d):
     """Table 1: one column per autoencoder, and the thumbnail of the first one's latent size."""
-    models = load_autoencoders(cfg, d)
-    dataset = evaluation_images(cfg, next(iter(models.values())).img_size)
+    models, size = load_autoencoders(cfg, d)
+    dataset = evaluation_images(cfg, size)
     inception, lpips_net = reconstruction_tools(cfg, d)
     results = {}
     for (name, model), path in zip(models.items(), cfg.autoencoder):
@@ -254,17 +255,17 @@ def run_recon(cfg, d):
             results[name] = {**out[0.0], 'latent_numbers': latent_numbers, 'thumbnail': out['thumbnail'], 'path': path}
     if not d.master:
         return
-    thumbnail = next(iter(results.values()))['thumbnail']
-    side = thumbnail['side']
+    first = next(iter(results.values()))  # the thumbnail is of the first one's latent size
+    thumbnail, side = first['thumbnail'], first['thumbnail']['side']
     print_table(['metric', *results, f'{side}x{side} thumbnail'],
                 [[METRIC_LABELS[k], *[format_value(r[k]) for r in results.values()], format_value(thumbnail[k]) if k in thumbnail else '']
-                 for k in ('l1', 'mse', 'psnr', 'ssim', 'lpips', 'rfid') if k in thumbnail or k in next(iter(results.values()))])
+                 for k in ('l1', 'mse', 'psnr', 'ssim', 'lpips', 'rfid') if k in first])
     print(f"(the thumbnail, bicubic down and up, is the largest with no more numbers than the latent: {3 * side * side} vs "
-          f"{next(iter(results.values()))['latent_numbers']})")
+          f"{first['latent_numbers']})")
     if thumbnail['exact']:
         print(f"(its PSNR is infinite: it copies {thumbnail['exact']} flat images exactly)")
     write_results(output_path(cfg, 'recon'), {'autoencoders': results, 'data': cfg.data, 'n_images': len(dataset),
-                                              'image_size': next(iter(models.values())).img_size}, cfg, inception)
+                                              'image_size': size}, cfg, inception)
 
 
 def latent_std_for(cfg, name, model, dataset, d):
@@ -286,8 +287,8 @@ def run_smoothness(cfg, d):
     """Fig. 6: reconstructions from perturbed latents, each autoencoder with its own latent std."""
     if cfg.latent_stats and len(cfg.autoencoder) > 1:
         raise ValueError("--latent_stats belongs to one autoencoder: with several, leave it out (each one's std is measured)")
-    models = load_autoencoders(cfg, d)
-    dataset = evaluation_images(cfg, next(iter(models.values())).img_size)
+    models, size = load_autoencoders(cfg, d)
+    dataset = evaluation_images(cfg, size)
     inception, lpips_net = reconstruction_tools(cfg, d)
     results = {}
     for name, model in models.items():
@@ -320,8 +321,7 @@ def run_compression(cfg, d):
     """Fig. 7: sigma^2 and rho of each autoencoder's latent tokens and of the raw image."""
     if d.ddp:
         raise ValueError("compression runs in one process (it only encodes): start it with python, not torchrun")
-    models = load_autoencoders(cfg, d)
-    size = next(iter(models.values())).img_size
+    models, size = load_autoencoders(cfg, d)
     results = evaluate_compression(models, masked_pairs(cfg, size), d.device, cfg.batch_size)
     print_table(['features', 'sigma^2', 'rho', 'images with rho'],
                 [[k if k != 'pixel' else 'raw image', format_value(results[k]['sigma2']), format_value(results[k]['rho']), results[k]['n_rho']]
@@ -335,8 +335,7 @@ def run_compression(cfg, d):
 
 def run_kmeans(cfg, d):
     """Fig. 4: k-means clusters of each autoencoder's latent tokens over the images, for each k."""
-    models = load_autoencoders(cfg, d)
-    size = next(iter(models.values())).img_size
+    models, size = load_autoencoders(cfg, d)
     dataset = build_dataset(cfg.data, size, train=False, split='val')
     if max(cfg.images) >= len(dataset):
         raise ValueError(f"--images: {cfg.data} has {len(dataset)} images, so indices go up to {len(dataset) - 1}")
@@ -355,8 +354,7 @@ def run_kmeans(cfg, d):
 def run_projection(cfg, d):
     """Fig. 8: one image's latent tokens on their two principal axes, coloured by segment, with each
     autoencoder's sigma^2 over the evaluated set."""
-    models = load_autoencoders(cfg, d)
-    size = next(iter(models.values())).img_size
+    models, size = load_autoencoders(cfg, d)
     tokens = token_features(models, masked_pairs(cfg, size), d.device, cfg.batch_size, keep_images=True)
     if cfg.image >= len(tokens['labels']):
         raise ValueError(f"--image {cfg.image}: only {len(tokens['labels'])} images with masks were read (see --num_images)")
@@ -364,7 +362,7 @@ def run_projection(cfg, d):
     panels = {}
     for name in models:
         sigma2 = compression_statistics(tokens[name], tokens['labels'])['sigma2']
-        xy = project_2d(standardise_tokens(tokens[name])[cfg.image][labels > 0])
+        xy = project_2d(standardise_tokens(tokens[name], tokens['labels'])[cfg.image][labels > 0])
         panels[name] = (xy.tolist(), labels[labels > 0].tolist(), sigma2)
     path = output_path(cfg, 'projection')
     write_results(path, {'autoencoders': {n: {'xy': p[0], 'labels': p[1], 'sigma2': p[2]} for n, p in panels.items()},
@@ -372,16 +370,28 @@ def run_projection(cfg, d):
     plot_projection(panels, tokens['images'][cfg.image], os.path.splitext(path)[0] + '.png')
 
 
+def read_results(path, key, command):
+    """A JSON an evaluate.py command wrote, checked for the `key` it holds; else a one-line error."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"'{path}' is not a JSON file ({type(e).__name__})") from None
+    if not isinstance(results, dict) or key not in results:
+        raise ValueError(f"'{path}' is not what {command} writes (no '{key}'): give the JSON of that command")
+    return results
+
+
 def run_radar(cfg, d):
     """Fig. 2 from the JSONs of recon (required), smoothness, compression and fid (per autoencoder)."""
-    read = lambda path: json.load(open(path)) if path else None
     generation = {}
     for item in cfg.generation:
         name, sep, path = item.partition('=')
         if not sep:
             raise ValueError(f"--generation takes name=path pairs (an evaluate.py fid JSON per autoencoder), got '{item}'")
-        generation[name] = read(path)
-    scores = radar_scores(read(cfg.recon), read(cfg.smoothness), read(cfg.compression), generation or None)
+        generation[name] = read_results(path, 'FID', 'evaluate.py fid')
+    scores = radar_scores(*[read_results(path, 'autoencoders', f'evaluate.py {command}') if path else None for command, path in
+                            (('recon', cfg.recon), ('smoothness', cfg.smoothness), ('compression', cfg.compression))], generation or None)
     scaled = rescale(scores)
     print_table(['axis', *next(iter(scores.values()))], [[axis, *[f'{v:.4g}' for v in values.values()]] for axis, values in scores.items()])
     path = cfg.out or os.path.join(os.path.dirname(cfg.recon), 'radar.json')

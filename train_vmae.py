@@ -149,6 +149,7 @@ def main(cfg):
     # SD-VAE's PatchGAN: its own Adam at the same rate; it learns only from step disc_start on
     disc = convae.NLayerDiscriminator().to(device) if cfg.disc_weight > 0 else None
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2)) if disc else None
+    optimizers = [optimizer] + ([disc_optimizer] if disc else [])
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
         f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
         f"{cfg.batch_size} per step | lr {lr:.3g} | {stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {cfg.dtype}"
@@ -185,8 +186,9 @@ def main(cfg):
                 inputs = x + cfg.input_noise_std * torch.randn_like(x) if cfg.input_noise_std > 0 else x
                 if convolutional:
                     recon, posterior = train_model(inputs, cfg.sample_posterior)
-                    loss, nll, terms = convae.convae_loss(x, recon, posterior, cfg.pixel_loss, weights.visible, weights.perceptual,
-                                                          weights.kl, weights.kl_standard, weights.kl_target_std, perceptual)
+                    loss, nll, terms = convae.convae_loss(
+                        x, recon, posterior, cfg.pixel_loss, pixel_weight=weights.visible, perceptual_weight=weights.perceptual,
+                        kl_weight=weights.kl, kl_standard=weights.kl_standard, kl_target_std=weights.kl_target_std, perceptual=perceptual)
                 else:
                     recon, mask, posterior = train_model(inputs, cfg.mask_ratio, cfg.sample_posterior)
                     loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
@@ -205,16 +207,15 @@ def main(cfg):
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in (optimizer, disc_optimizer) if disc else (optimizer,):
+        for opt in optimizers:
             for g in opt.param_groups:
                 g['lr'] = lr_at(step, lr, cfg.min_lr, warmup_steps, total_steps)
         scaler.step(optimizer)
         if gan_factor > 0:
             scaler.step(disc_optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if disc:
-            disc_optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         step += 1
         log.step(cfg.batch_size)
 

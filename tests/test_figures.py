@@ -113,6 +113,8 @@ def test_every_figure_for_two_autoencoders(two_autoencoders, tmp_path, capsys):
 
 def test_figure_inputs_fail_in_one_line(two_autoencoders, tmp_path, capsys):
     vmae_file = str(two_autoencoders / 'vmae' / 'last.pt')
+    (tmp_path / 'fid.json').write_text(json.dumps({'FID': 3.0}))
+    (tmp_path / 'notes.json').write_text('not json')
     for argv, message in [
         (['kmeans', '--autoencoder', vmae_file, '--data', 'builtin', '--images', '100000'], 'indices go up to 9999'),
         (['compression', '--autoencoder', vmae_file, '--data', str(tmp_path), '--masks', 'builtin'], '--data builtin --masks builtin together'),
@@ -121,6 +123,8 @@ def test_figure_inputs_fail_in_one_line(two_autoencoders, tmp_path, capsys):
         (['kmeans', '--autoencoder', vmae_file, '--data', 'builtin', '--ks', '0'], '--ks must be at least 1'),
         (['radar', '--recon', str(tmp_path / 'none.json')], 'none.json'),
         (['radar'], 'needs --recon'),
+        (['radar', '--recon', str(tmp_path / 'fid.json')], "is not what evaluate.py recon writes (no 'autoencoders')"),
+        (['radar', '--recon', str(tmp_path / 'notes.json')], 'is not a JSON file'),
     ]:
         with pytest.raises(SystemExit) as e:
             evaluate.main([*argv, '--device', 'cpu'] if argv[0] != 'radar' else argv)
