@@ -81,7 +81,8 @@ VMAE reconstructions of {NUM_HELD_OUT} held-out images: PSNR {after['psnr']:.2f}
     originals vs reconstructions: {latest(os.path.dirname(vmae_ckpt), 'recon_')}
 DiT samples whose shape a colour-blind classifier names as their class: {100 * rates['samples_mean']:.1f}% of {NUM_SAMPLES}
     ({SAMPLE_STEPS} Euler steps, cfg {CFG_SCALE}); the same classifier on real held-out images: {100 * rates['real_mean']:.1f}%,
-    so the samples are recognised {100 * rates['samples_mean'] / rates['real_mean']:.0f}% as often as real images
+    so the samples are recognised {100 * rates['samples_mean'] / rates['real_mean']:.0f}% as often as real images; the VMAE's
+    reconstructions of those real images: {100 * rates['reconstructions_mean']:.1f}%
     a grid of every class: {grid}
 checkpoints: {stage1_ckpt}, {vmae_ckpt}, {dit_ckpt}""")
 

@@ -68,6 +68,19 @@ def test_classifier_learns_a_set_smaller_than_its_batch():
         assert analyses.class_rates(judge, images, torch.tensor(labels), 2) == [1.0, 1.0]
 
 
+def test_degraded_moves_edges_a_little_and_leaves_flat_images_flat():
+    step = torch.zeros(8, 3, 32, 32)
+    step[..., 16:] = 1.0                                   # a vertical edge
+    out = analyses.degraded(step, torch.Generator().manual_seed(0))
+    assert out.shape == step.shape
+    torch.testing.assert_close(out, analyses.degraded(step, torch.Generator().manual_seed(0)))  # seeded
+    change = (out - step).abs()
+    assert change[..., :12].mean() < 0.1 and change[..., 20:].mean() < 0.1   # far from the edge: noise only
+    assert change[..., 14:18].mean() > 0.05                                    # at the edge: warped and blurred
+    flat = analyses.degraded(torch.full((8, 3, 32, 32), 0.5), torch.Generator().manual_seed(1))
+    assert (flat - 0.5).mean().abs() < 0.01 and (flat - 0.5).std() < 0.1       # warp and blur keep it flat
+
+
 def test_colourless_hides_the_hue():
     red, blue = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
     red[:, 0], blue[:, 2] = 1.0, 1.0

@@ -156,6 +156,7 @@ def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tm
     assert result['classes'] == ['class0', 'class1', 'class2'] and len(result['samples']) == 3
     # the classes differ in brightness (c + 1 times darker), which a colour judge learns: it knows real images
     assert result['real_mean'] > 0.9
+    assert len(result['reconstructions']) == 3 and 0 <= result['reconstructions_mean'] <= 1
     assert 0 <= result['samples_mean'] <= 1 and result['samples_mean'] == pytest.approx(sum(result['samples']) / 3)
     assert 'recognised as their class: samples' in capsys.readouterr().out
 
