@@ -445,9 +445,10 @@ def run_recognition(cfg, d):
                               num_samples=cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, steps=cfg.steps,
                               solver=cfg.solver, shift=cfg.shift, cfg_scale=dit.guidance_scale(model, cfg.cfg_scale),
                               cfg_interval_start=cfg.cfg_interval_start)
-    real, recon, samples = (sum(rates[k]) / len(rates[k]) for k in ('real', 'reconstructions', 'samples'))
+    kinds = ('real', 'reconstructions', 'samples')
+    real, recon, samples = (sum(rates[k]) / len(rates[k]) for k in kinds)
     print_table(['class', 'real held-out', 'their reconstructions', 'samples'],
-                [[name, *(f'{rates[k][c]:.2f}' for k in ('real', 'reconstructions', 'samples'))] for c, name in enumerate(train_set.classes)])
+                [[name, *(f'{rates[k][c]:.2f}' for k in kinds)] for c, name in enumerate(train_set.classes)])
     print(f"recognised as their class: samples {100 * samples:.1f}% of {cfg.num_samples}, real held-out images "
           f"{100 * real:.1f}% of {len(held_out)} ({100 * samples / real:.0f}% of the real rate), the autoencoder's "
           f"reconstructions of them {100 * recon:.1f}% ({'colour-blind' if cfg.data == 'builtin' else 'colour'} judge "
