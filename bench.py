@@ -133,7 +133,7 @@ def vmae_train(s, device, dtype, compiled, px=None, batch=None):
     px, batch = px or s['train_px'], batch or s['vmae_train']
     model = vmae.VMAE_models[s['vmae']](img_size=px).to(device)
     perceptual = vmae.lpips_vgg(pretrained=False).to(device)  # random VGG: the same FLOPs, no download
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     train_model = torch.compile(model) if compiled else model  # as train_vmae.py: the model, not LPIPS
     x = torch.rand(batch, 3, px, px, device=device) * 2 - 1
     weights = vmae.LossWeights()
@@ -200,7 +200,7 @@ def ae_inference(s, device, dtype, name, part):
 def dit_train(s, device, dtype, compiled):
     model = randomise_zero_init(dit.DiT_models[s['dit']](input_size=s['latent'])).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=device.type == 'cuda')
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     train_model = torch.compile(model) if compiled else model
     moments = torch.randn(s['dit_train'], 2 * model.in_channels, s['latent'], s['latent'], device=device)
     y = torch.randint(0, model.num_classes, (len(moments),), device=device)
@@ -325,7 +325,7 @@ def main(argv=None):
     check(cfg)
     device = torch.device(cfg.device if cfg.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu')
     cuda = device.type == 'cuda'
-    common.enable_tf32()  # as every script does; common.exact_fp32 turns it off for Inception
+    common.speed_settings()  # as every script does; common.exact_fp32 turns TF32 off for Inception
     s = sizes(cfg, cuda)
     train_dtype, infer_dtype = ('bf16', cfg.infer_dtype) if cuda else ('fp32', 'fp32')  # autocast is CUDA-only here
     name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'

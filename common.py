@@ -12,6 +12,7 @@ trainer's loop, where a reader looks for it.
 import argparse
 import ast
 import contextlib
+import ctypes
 import dataclasses
 import inspect
 import json
@@ -274,9 +275,26 @@ def mixed_precision(device, dtype):
     return autocast(device, dtype), torch.amp.GradScaler(enabled=dtype == 'fp16' and device.type == 'cuda')
 
 
-def enable_tf32():
+def speed_settings():
+    """What every script sets before work: TF32 matmuls and convolutions on CUDA, and freed CPU memory kept
+    for reuse (keep_freed_memory)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    keep_freed_memory()
+
+
+def keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory in the process. By default it hands large freed blocks back
+    to the OS, and the next step's tensors then fault in fresh zeroed pages, 4 KiB at a time: an eager
+    DiT-B/1 training step on a 2-core CPU ran about 8% slower for it (GPU memory is unaffected). Blocks
+    up to 32 MiB (glibc's largest setting) now come from the heap and the heap is never trimmed, so the
+    process keeps its peak memory, which a training loop reuses every step. Other C libraries: nothing."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the top of the heap back
+    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB from the heap, not fresh mappings
 
 
 @contextlib.contextmanager

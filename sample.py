@@ -65,7 +65,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     dist = common.setup_distributed(args.device)
-    common.enable_tf32()
+    common.speed_settings()
     device = dist.device
     model, stats, vae, classes = load_models(args, device)
     if args.num_fid_samples:

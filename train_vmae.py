@@ -110,7 +110,7 @@ def check_config(cfg):
 def main(cfg):
     check_config(cfg)
     dist = common.setup_distributed(cfg.device)
-    common.enable_tf32()
+    common.speed_settings()
     device = dist.device
     say = common.print0
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
@@ -261,13 +261,12 @@ def encoder_modules(model):
 
 def make_optimizer(model, lr, cfg):
     """AdamW with weight decay on weight matrices (and the mask token) only, as timm's
-    param_groups_weight_decay that the authors used; frozen tensors are left out."""
+    param_groups_weight_decay that the authors used; frozen tensors are left out. Fused, as train_dit.py's."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{'params': decay, 'weight_decay': cfg.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def lr_at(step, lr, min_lr, warmup_steps, total_steps):

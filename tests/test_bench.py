@@ -4,6 +4,10 @@ steps counted twice) and a --quick run. CPU only, tiny models. Run with: python 
 """
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,3 +81,27 @@ def test_a_failing_row_is_reported_not_raised():
         raise RuntimeError('compile failed\nlong traceback')
     row = bench.run_row('dit_train', 'compiled', 'fp32', build, SIZES, CPU, {'fp32': 1.0})
     assert row['error'] == 'RuntimeError: compile failed'
+
+
+FREED_PROGRAM = """
+import os, sys, torch, common
+if sys.argv[1] == 'keep':
+    common.keep_freed_memory()
+def resident_mib():
+    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+tensors = [torch.ones(4 * 2**20) for _ in range(4)]  # 16 MiB each, as a step's activations
+held = resident_mib()
+del tensors
+print(held - resident_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_freed_memory_is_kept_for_reuse():
+    # by default glibc maps blocks this large apart and unmaps them when freed: the next step faults them in again
+    def mib_given_back(mode):
+        run = subprocess.run([sys.executable, '-c', FREED_PROGRAM, mode], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return float(run.stdout.split()[-1])
+    default, kept = mib_given_back('default'), mib_given_back('keep')
+    assert default > 48 and kept < 8, (default, kept)

@@ -92,8 +92,9 @@ def test_two_process_ddp_with_the_discriminator_matches_one_process(tmp_path):
     assert worst < 1e-5, worst
     # D's weights: Adam moves every element by about lr on its first steps whatever the size of its gradient, so
     # rounding decides the direction where a gradient is ~0; the losses that D's weights produce are compared
+    # (relative to their size, or to 1e-5 for g_loss, which sits near 0)
     for a, b in zip(log_rows(tmp_path / 'one'), log_rows(tmp_path / 'two'), strict=True):
-        assert [a[k] for k in ('loss', 'g_loss', 'd_weight', 'd_loss')] == pytest.approx([b[k] for k in ('loss', 'g_loss', 'd_weight', 'd_loss')], rel=1e-4)
+        assert [a[k] for k in ('loss', 'g_loss', 'd_weight', 'd_loss')] == pytest.approx([b[k] for k in ('loss', 'g_loss', 'd_weight', 'd_loss')], rel=1e-4, abs=1e-5)
     assert log_rows(tmp_path / 'one')[-1]['d_loss'] > 0
 
 
