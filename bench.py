@@ -155,7 +155,7 @@ def sdvae_train(s, device, dtype):
     model = convae.ConvAE_models[s['sdvae']](img_size=s['encode_px']).to(device)
     disc = convae.NLayerDiscriminator().to(device)
     perceptual = vmae.lpips_vgg(pretrained=False).to(device)
-    optimizer, disc_optimizer = (torch.optim.Adam(m.parameters(), lr=1e-5, betas=(0.5, 0.9)) for m in (model, disc))
+    optimizer, disc_optimizer = (torch.optim.Adam(m.parameters(), lr=1e-5, betas=(0.5, 0.9), fused=True) for m in (model, disc))
     x = torch.rand(s['ae_train'], 3, s['encode_px'], s['encode_px'], device=device) * 2 - 1
 
     def step():

@@ -146,9 +146,9 @@ def main(cfg):
             module.requires_grad_(False)
     model.to(device)
     optimizer = make_optimizer(model, lr, cfg)
-    # SD-VAE's PatchGAN: its own Adam at the same rate; it learns only from step disc_start on
+    # SD-VAE's PatchGAN: its own Adam (fused, as the autoencoder's AdamW) at the same rate; it learns only from step disc_start on
     disc = convae.NLayerDiscriminator().to(device) if cfg.disc_weight > 0 else None
-    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2)) if disc else None
+    disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True) if disc else None
     optimizers = [optimizer] + ([disc_optimizer] if disc else [])
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
         f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "

@@ -15,6 +15,8 @@ import torch
 import bench
 import dit
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 CPU = torch.device('cpu')
 SIZES = dict(bench.SIZES['quick'], steps=4)  # 3 evaluations: one unguided (t = 0), two guided
 BUILDS = {  # name: (build, the SIZES key of its batch)
@@ -100,8 +102,7 @@ print(held - resident_mib())
 def test_freed_memory_is_kept_for_reuse():
     # by default glibc maps blocks this large apart and unmaps them when freed: the next step faults them in again
     def mib_given_back(mode):
-        run = subprocess.run([sys.executable, '-c', FREED_PROGRAM, mode], capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        run = subprocess.run([sys.executable, '-c', FREED_PROGRAM, mode], capture_output=True, text=True, check=True, cwd=ROOT)
         return float(run.stdout.split()[-1])
     default, kept = mib_given_back('default'), mib_given_back('keep')
     assert default > 48 and kept < 8, (default, kept)
