@@ -5,7 +5,8 @@ Reading and writing files safely: the one small module the model files may share
 - `atomic_write` (and `save_checkpoint`, `write_json`): write to a temporary file, then rename, so a
   crash mid-write never destroys the last good file;
 - `strip_wrapper_prefixes`: state-dict keys without DDP's 'module.' or torch.compile's '_orig_mod.';
-- `file_sha256`: ties latents and DiTs to the exact autoencoder weights, and identifies Inception weights.
+- `file_sha256`: ties latents and DiTs to the exact autoencoder weights, and identifies Inception weights;
+- `check_output_file`, `check_output_dir`: an output path that cannot be written is refused before the work.
 
 It imports nothing of the project, so vmae.py, dit.py and inception.py stay usable on their own.
 """
@@ -77,3 +78,30 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)
     return h.hexdigest()
+
+
+def blocking_file(path):
+    """The nearest existing ancestor of `path` that is a file rather than a folder, or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else parent
+
+
+def check_output_file(path, flag='--out', extensions=()):
+    """Refuse, before any work, an output file that could not be written: an existing folder, a file in
+    the way of its folder, or (where `extensions` are given) an ending the writer does not know."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: give a file name inside it")
+    if extensions and not path.lower().endswith(tuple(extensions)):
+        raise ValueError(f"{flag} {path} must end in {' or '.join(extensions)}")
+    if blocking_file(path):
+        raise ValueError(f"{flag} {path} cannot be written: {blocking_file(path)} is a file, not a folder")
+
+
+def check_output_dir(path, flag='--out_dir'):
+    """Refuse, before any work, an output folder that could not be made: a file at its place or above it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder: choose another {flag}")
+    if blocking_file(os.path.join(path, 'x')):
+        raise ValueError(f"{flag} {path} cannot be made: {blocking_file(os.path.join(path, 'x'))} is a file, not a folder")
