@@ -46,8 +46,11 @@ def dit_latent(autoencoder):
 
 
 def load_autoencoder(path, device='cpu', img_size=None):
-    """A VMAE or ConvAE in eval mode (the file is read twice for torch files: once to see what it is)."""
-    return {'vmae': load_vmae, 'convae': load_convae}[autoencoder_kind(path)](path, device, img_size=img_size)
+    """A VMAE or ConvAE in eval mode (the file is read twice for torch files: once to see what it is), with
+    `.path` the file it came from, so that what is made with it can record its hash."""
+    model = {'vmae': load_vmae, 'convae': load_convae}[autoencoder_kind(path)](path, device, img_size=img_size)
+    model.path = path
+    return model
 
 
 def load_generator(dit_path, autoencoder_path='', latent_stats='', weights='ema', device='cpu'):

@@ -388,43 +388,68 @@ def save_run_checkpoint(ckpt, out_dir, step, keep_every):
         fileio.save_checkpoint(ckpt, os.path.join(out_dir, f'ckpt_{step:07d}.pt'))
 
 
+def check_same_settings(recorded, wanted, what, remedy):
+    """Refuse to continue or reuse `what` (an output made with `recorded` settings) under other settings,
+    which would mix two kinds of contents in one artefact: one line naming the first differing setting."""
+    for name, value in wanted.items():
+        if recorded.get(name) != value:
+            raise ValueError(f"{what} was made with {name} {recorded.get(name)!r}, but this run has {name} {value!r}: {remedy}")
+
+
 class ShardedArrays:
     """Arrays of `num_items` rows (memory-mapped `<folder>/<name>.npy`) filled batch by batch, the
-    batches dealt round-robin to the ranks. A batch is marked in `<folder>/done.npy` only after its
-    rows are flushed to disk, so a killed job restarts exactly where it stopped. Used for latent
-    extraction and for 50k-sample runs."""
+    batches dealt round-robin to the ranks. Each row is marked in `<folder>/done.npy` only after it is
+    flushed to disk, so a killed job restarts exactly where it stopped, with any batch size or number
+    of ranks. `<folder>/settings.json` holds the settings that decide the rows' contents; reopening the
+    folder with other settings is refused, so one output never mixes two. Used for latent extraction and
+    for 50k-sample runs."""
 
-    def __init__(self, folder, num_items, batch_size, specs, dist):
-        """specs: {name: (row shape, dtype)}."""
-        self.folder, self.batch_size, self.num_items, self.dist = folder, batch_size, num_items, dist
-        done_path = os.path.join(folder, 'done.npy')
-        if dist.master and not os.path.isfile(done_path):
+    def __init__(self, folder, num_items, specs, settings, dist):
+        """specs: {name: (row shape, dtype)}; settings: a JSON-able dict."""
+        self.folder, self.num_items, self.dist = folder, num_items, dist
+        layout = {f'{name}_rows': [list(shape), np.dtype(dtype).name] for name, (shape, dtype) in specs.items()}
+        settings = json.loads(json.dumps({**settings, 'num_items': num_items, **layout}))  # as it reads back from JSON
+        done_path, settings_path = os.path.join(folder, 'done.npy'), os.path.join(folder, 'settings.json')
+        if dist.master and not os.path.isfile(done_path):  # done.npy is written last: without it, start afresh
             os.makedirs(folder, exist_ok=True)
             for name, (shape, dtype) in specs.items():
                 np.lib.format.open_memmap(os.path.join(folder, f'{name}.npy'), 'w+', dtype, (num_items, *shape))
-            np.save(done_path, np.zeros(-(-num_items // batch_size), dtype=bool))
+            fileio.write_json(settings_path, settings)
+            np.save(done_path, np.zeros(num_items, dtype=bool))
         barrier()
+        if not os.path.isfile(settings_path):
+            raise ValueError(f"{folder} holds an unfinished output with no record of its settings (an older version's): "
+                             f"delete it to start again")
+        check_same_settings(json.load(open(settings_path)), settings, f"the unfinished output in {folder}",
+                            f"rerun with the same settings to finish it, or delete {folder} to start again")
         self.arrays = {name: np.load(os.path.join(folder, f'{name}.npy'), mmap_mode='r+') for name in specs}
         self.done = np.load(done_path, mmap_mode='r+')
 
-    def todo(self):
-        """This rank's unfinished batches, as (batch number, row indices) pairs."""
-        return [(b, list(range(b * self.batch_size, min(self.num_items, (b + 1) * self.batch_size))))
-                for b in range(len(self.done)) if b % self.dist.world_size == self.dist.rank and not self.done[b]]
+    def todo(self, batch_size):
+        """This rank's batches of unfinished rows, as lists of row indices."""
+        rows = np.flatnonzero(~self.done).tolist()
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        return batches[self.dist.rank::self.dist.world_size]
 
-    def write(self, b, **rows):
-        start = b * self.batch_size
-        for name, values in rows.items():
-            self.arrays[name][start:start + len(values)] = values
+    def write(self, rows, **values):
+        for name, v in values.items():
+            self.arrays[name][rows] = v
             self.arrays[name].flush()
-        self.done[b] = True
+        self.done[rows] = True  # only now: the rows are on disk
         self.done.flush()
 
     def finish(self):
-        """Wait for every rank; then True on rank 0 when all batches are done (False on the other ranks,
+        """Wait for every rank; then True on rank 0 when all rows are done (False on the other ranks,
         which must not touch the files again: rank 0 may be packing and removing them)."""
         barrier()
         return self.dist.master and bool(np.load(os.path.join(self.folder, 'done.npy')).all())
+
+    def remove(self, arrays=()):
+        """Delete the bookkeeping (and the named arrays), and the folder once it is empty (rank 0, after finish)."""
+        for name in ('done.npy', 'settings.json', *(f'{a}.npy' for a in arrays)):
+            os.remove(os.path.join(self.folder, name))
+        if not os.listdir(self.folder):
+            os.rmdir(self.folder)
 
 
 def barrier():

@@ -72,8 +72,13 @@ def strip_wrapper_prefixes(state_dict):
 
 
 def file_sha256(path):
-    """The SHA-256 of a file, hex."""
+    """The SHA-256 of a file, hex; of a folder (a diffusers vae/), of its files' relative names and hashes."""
     h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                h.update(f'{os.path.relpath(os.path.join(root, name), path)}:{file_sha256(os.path.join(root, name))}\n'.encode())
+        return h.hexdigest()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             h.update(block)

@@ -64,15 +64,32 @@ def check_args(args):
 
 def main(args):
     check_args(args)
+    out = output_path(args)
     dist = common.setup_distributed(args.device)
     common.speed_settings()
     device = dist.device
     model, stats, vae, classes = load_models(args, device)
+    if args.cfg_channels > model.in_channels:
+        raise ValueError(f"--cfg_channels {args.cfg_channels} is more than the DiT's {model.in_channels} latent channels: "
+                         f"use 1..{model.in_channels}, or 0 for all")
     if args.num_fid_samples:
-        write_fid_samples(model, vae, stats, args, dist)
+        write_fid_samples(model, vae, stats, args, out, dist)
     elif dist.master:
-        write_grid(model, vae, stats, classes, args)
+        write_grid(model, vae, stats, classes, args, out)
     common.cleanup_distributed()
+
+
+def output_path(args):
+    """--out, or a name under samples/ that spells out the settings; checked before any sampling."""
+    if args.num_fid_samples:
+        out = args.out or os.path.join('samples', f"{os.path.splitext(os.path.basename(args.dit))[0]}_cfg{args.cfg_scale}"
+                                                  f"_ch{args.cfg_channels or 'all'}_{args.solver}{args.steps}_seed{args.seed}"
+                                                  f"_{args.num_fid_samples}.npz")
+        fileio.check_output_file(out, '--out (with --num_fid_samples, an ADM .npz)', ('.npz',))
+    else:
+        out = args.out or os.path.join('samples', 'grid_' + '_'.join(map(str, args.classes)) + '.png')
+        fileio.check_output_file(out, '--out (a grid image)', ('.png', '.jpg', '.jpeg'))
+    return out
 
 
 def load_models(args, device):
@@ -104,39 +121,36 @@ def sampler_settings(args):
                 cfg_interval_start=args.cfg_interval_start, cfg_channels=args.cfg_channels or None)
 
 
-def write_grid(model, vae, stats, classes, args):
+def write_grid(model, vae, stats, classes, args, out):
     labels_wanted = check_classes(model, args.classes)
     labels = [c for c in labels_wanted for _ in range(args.n)]
     t0 = time.time()
     images = torch.cat([autoencoders.generate(model, vae, stats, labels[i:i + args.batch_size], range(i, min(len(labels), i + args.batch_size)),
                                               args.seed, progress=True, **sampler_settings(args)) for i in range(0, len(labels), args.batch_size)])
     names = [classes[c] if classes else f'class {c}' for c in labels_wanted] if model.num_classes > 1 else None
-    out = args.out or os.path.join('samples', 'grid_' + '_'.join(map(str, labels_wanted)) + '.png')
     data.save_grid(images, out, ncol=args.n, row_labels=names, upscale=max(1, 128 // images.shape[-1]))
     print(f"wrote {out} ({len(labels)} samples, {(time.time() - t0) / len(labels):.2f} s per image, cfg {args.cfg_scale}, {args.solver} {args.steps} steps)")
 
 
-def write_fid_samples(model, vae, stats, args, dist):
+def write_fid_samples(model, vae, stats, args, out, dist):
     """Exactly N samples, labels i % num_classes (balanced, and mixed so that every 5000-image IS
     split sees all classes), as arr_0 uint8 (N, H, W, 3) and arr_1 labels in one .npz. Batches go
-    to the ranks round-robin and are kept on disk as they finish, so a killed run resumes."""
-    n = args.num_fid_samples
-    out = args.out or os.path.join('samples', f"{os.path.splitext(os.path.basename(args.dit))[0]}_cfg{args.cfg_scale}"
-                                              f"_ch{args.cfg_channels or 'all'}_{args.solver}{args.steps}_seed{args.seed}_{n}.npz")
-    size = vae.img_size
-    store = common.ShardedArrays(out + '.parts', n, args.batch_size, {'images': ((size, size, 3), np.uint8), 'labels': ((), np.int64)}, dist)
-    todo = store.todo()
-    common.print0(f"sampling {n} images into {out} ({len(todo)} of {len(store.done)} batches left on rank 0)")
-    for b, rows in tqdm(todo, disable=not dist.master, desc='sampling'):
+    to the ranks round-robin and their rows are kept on disk as they finish, so a killed run resumes,
+    with any batch size or number of GPUs, but only with the same models and sampler."""
+    n, size = args.num_fid_samples, vae.img_size
+    contents = {'dit_sha256': fileio.file_sha256(args.dit), 'weights': args.weights, 'autoencoder_sha256': fileio.file_sha256(vae.path),
+                'latent_mean': stats['mean'].tolist(), 'latent_std': stats['std'].tolist(), 'seed': args.seed, **sampler_settings(args)}
+    store = common.ShardedArrays(out + '.parts', n, {'images': ((size, size, 3), np.uint8), 'labels': ((), np.int64)}, contents, dist)
+    batches = store.todo(args.batch_size)
+    common.print0(f"sampling {n} images into {out} ({int((~store.done).sum())} left)")
+    for rows in tqdm(batches, disable=not dist.master, desc='sampling'):
         labels = [i % model.num_classes for i in rows]
         images = autoencoders.generate(model, vae, stats, labels, rows, args.seed, **sampler_settings(args))
-        store.write(b, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))
+        store.write(rows, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))
     if store.finish():
         with fileio.atomic_write(out) as f:  # a file object: np.savez adds no '.npz' to the name
             np.savez(f, arr_0=store.arrays['images'], arr_1=store.arrays['labels'])
-        for name in ('images', 'labels', 'done'):
-            os.remove(os.path.join(out + '.parts', f'{name}.npy'))
-        os.rmdir(out + '.parts')
+        store.remove(('images', 'labels'))
         print(f"wrote {out}: arr_0 {store.arrays['images'].shape} uint8, arr_1 labels")
     common.barrier()
 

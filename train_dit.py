@@ -101,16 +101,21 @@ def main(cfg):
     resume_from = common.read_run_checkpoint(last_path, 'dit') if cfg.resume else None  # a wrong file fails before any work
 
     # 1. latents (the autoencoder is needed to extract them and to decode the sample grids)
-    ae_path = cfg.autoencoder or read_meta(latent_dir).get('autoencoder', '')
+    ae_path = cfg.autoencoder or (resume_from['config']['autoencoder'] if resume_from else read_meta(latent_dir).get('autoencoder', ''))
     if not ae_path:
         raise ValueError("no autoencoder given: pass --autoencoder (a train_vmae.py checkpoint, the authors' vmaef8d16.pth, "
                          "or a diffusers vae/ folder)")
     autoencoder = autoencoders.load_autoencoder(ae_path, device, img_size=cfg.image_size)
     posterior = cfg.posterior if cfg.posterior != 'auto' else autoencoders.dit_latent(autoencoder)
-    source = {'data': cfg.data, 'image_size': cfg.image_size, 'autoencoder_sha256': fileio.file_sha256(ae_path), 'posterior': posterior}
+    source = {'data': cfg.data, 'image_size': cfg.image_size, 'autoencoder_sha256': fileio.file_sha256(ae_path),
+              'posterior': posterior, 'dtype': cfg.latent_dtype}
+    if resume_from is not None:  # the run continues on the latent space it started on, or not at all
+        common.check_same_settings(resume_from['config'], {k: source[k] for k in ('autoencoder_sha256', 'posterior')},
+                                   f"the DiT run in {cfg.out_dir}", "resume with the autoencoder and --posterior it was trained on")
     meta = read_meta(latent_dir)
-    check_latents_match(meta, source, latent_dir)
-    if not meta.get('complete'):
+    if meta:  # complete latents: reused only when they come from this run's data, size, autoencoder and posterior
+        common.check_same_settings(meta, source, f"the latents folder {latent_dir}", "use another --latents folder, or delete it to extract again")
+    else:
         meta = extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist)
     dataset = LatentDataset(latent_dir, meta)
     stats = {k: torch.tensor(meta[k], device=device) for k in ('mean', 'std')}
@@ -132,7 +137,7 @@ def main(cfg):
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
         ema.load_state_dict(resume_from['ema'])
-        step = common.restore_run(resume_from, optimizer, scaler, cfg, last_path)
+        step = common.restore_run(resume_from, optimizer, scaler, dataclasses.replace(cfg, posterior=posterior), last_path)
         del resume_from  # the optimizer state it holds is large
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} latents "
         f"{tuple(meta['shape'][1:])} | {num_classes} classes | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} "
@@ -210,45 +215,34 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def read_meta(latent_dir):
+    """latent_dir/meta.json, written once extraction is complete ({} before)."""
     path = os.path.join(latent_dir, 'meta.json')
-    return json.load(open(path)) if os.path.isfile(path) else {}
-
-
-def check_latents_match(meta, source, latent_dir):
-    """Latents already in latent_dir (complete or not) must come from this run's data, size, autoencoder
-    and posterior choice."""
-    wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in source.items() if meta and meta.get(k) != v]
-    if wrong:
-        raise ValueError(f"the latents in {latent_dir} were made with another {', '.join(wrong)}: "
-                         f"use another --latents folder, or delete it to extract again")
+    meta = json.load(open(path)) if os.path.isfile(path) else {}
+    return meta if meta.get('complete') else {}  # an older version wrote it before the rows
 
 
 @torch.no_grad()
 def extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist):
     """Encode every image and its mirror into latent_dir/latents.npy (N, 2, 2C, h, w), sharded over
-    the ranks and resumable (common.ShardedArrays)."""
+    the ranks and resumable (common.ShardedArrays, bound to `source`); meta.json, with the latent
+    statistics, is written only once every row is on disk."""
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=False, flip=False)
-    n, bs = len(dataset), cfg.extract_batch_size
-    grid, channels = autoencoder.grid, 2 * autoencoder.latent_dim
-    meta = read_meta(latent_dir) or {
-        **source, 'autoencoder': os.path.abspath(ae_path), 'num_items': n, 'num_classes': dataset.num_classes,
-        'classes': dataset.classes, 'shape': [2, channels, grid, grid], 'dtype': cfg.latent_dtype, 'complete': False}
-    if dist.master and not os.path.isfile(os.path.join(latent_dir, 'meta.json')):
-        os.makedirs(latent_dir, exist_ok=True)
-        fileio.write_json(os.path.join(latent_dir, 'meta.json'), meta)
-    store = common.ShardedArrays(latent_dir, n, bs, {'latents': (meta['shape'], meta['dtype']), 'labels': ((), np.int64)}, dist)
-    todo = store.todo()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i for _, rows in todo for i in rows]),
-                                         batch_size=bs, num_workers=data.worker_count(cfg.num_workers))
-    common.print0(f"extracting latents of {n} images into {latent_dir} ({len(todo)} of {len(store.done)} batches left on rank 0)")
-    for (b, _), (x, y) in zip(todo, tqdm(loader, disable=not dist.master, desc='extract')):
+    shape = [2, 2 * autoencoder.latent_dim, autoencoder.grid, autoencoder.grid]
+    store = common.ShardedArrays(latent_dir, len(dataset), {'latents': (shape, cfg.latent_dtype), 'labels': ((), np.int64)}, source, dist)
+    batches = store.todo(cfg.extract_batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=data.worker_count(cfg.num_workers))
+    common.print0(f"extracting latents of {len(dataset)} images into {latent_dir} ({int((~store.done).sum())} left)")
+    for rows, (x, y) in zip(batches, tqdm(loader, disable=not dist.master, desc='extract')):
         x = x.to(dist.device)
         both = [autoencoder.encode(view) for view in (x, x.flip(-1))]  # the mirror is encoded, not the latent flipped
         moments = torch.stack([torch.cat([p.mean, p.logvar], dim=1) for p in both], dim=1)  # (B, 2, 2C, h, w)
-        store.write(b, latents=moments.cpu().numpy(), labels=y.numpy())
+        store.write(rows, latents=moments.cpu().numpy(), labels=y.numpy())
     if store.finish():
-        meta.update(latent_statistics(store.arrays['latents'], cfg.seed, source['posterior'] == 'sample'), complete=True)
-        fileio.write_json(os.path.join(latent_dir, 'meta.json'), meta)
+        stats = latent_statistics(store.arrays['latents'], cfg.seed, source['posterior'] == 'sample')
+        store.remove()
+        fileio.write_json(os.path.join(latent_dir, 'meta.json'), {
+            **source, 'autoencoder': os.path.abspath(ae_path), 'num_items': len(dataset), 'num_classes': dataset.num_classes,
+            'classes': dataset.classes, 'shape': shape, 'complete': True, **stats})
     common.barrier()
     return read_meta(latent_dir)
 
