@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import fileio
 import sample
 import train_dit
 import vmae
@@ -28,6 +29,7 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 KILLER = """
 import os, runpy, signal, sys
 import common
+import fileio
 write, calls = common.ShardedArrays.write, []
 def write_or_die(self, rows, **values):
     calls.append(rows)
@@ -145,3 +147,14 @@ def test_a_dit_run_resumes_only_on_its_own_latent_space(root, tmp_path, capsys):
     train_dit.main(config(root, tmp_path / 'run', max_steps=4, resume=True))   # unchanged: no note of a change
     out = capsys.readouterr().out
     assert 'resumed from' in out and 'changed settings' not in out
+
+
+def test_a_diffusers_folder_is_hashed_by_its_files(tmp_path):
+    """Latents and DiTs record their autoencoder's hash; a diffusers vae/ folder is hashed as its files."""
+    folder = tmp_path / 'vae'
+    folder.mkdir()
+    (folder / 'config.json').write_text('{}')
+    (folder / 'diffusion_pytorch_model.safetensors').write_bytes(b'weights')
+    first = fileio.file_sha256(str(folder))
+    (folder / 'diffusion_pytorch_model.safetensors').write_bytes(b'other weights')
+    assert fileio.file_sha256(str(folder)) != first and len(first) == 64
