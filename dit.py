@@ -29,8 +29,8 @@ from fileio import read_checkpoint, strip_wrapper_prefixes
 
 
 def modulate(x, shift, scale):
-    # x * (1 + scale) + shift in one kernel; x: (N, T, D); shift, scale: (N, 1, D), broadcast over the tokens
-    return torch.addcmul(shift, x, 1 + scale)
+    # x: (N, T, D); shift, scale: (N, 1, D), broadcast over the tokens
+    return x * (1 + scale) + shift
 
 
 #################################################################################
@@ -90,35 +90,18 @@ class LabelEmbedder(nn.Module):
 #                               Transformer Layers                              #
 #################################################################################
 
-class RMSNormFunction(torch.autograd.Function):
-    """n * weight with n = x / rms(x), rms(x) = sqrt(mean(x^2) + eps), in fp32 so bf16 activations keep their scale.
-    The gradient, written out in 7 passes over x-sized tensors (autograd on the formula makes 11), is
-        grad_x = (g - n * mean(g * n)) / rms(x) with g = grad * weight; grad_weight = sum of grad * n over tokens"""
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        normed = x32 * inv_rms
-        ctx.save_for_backward(normed, inv_rms, weight)
-        return normed.to(x.dtype) * weight
-
-    @staticmethod
-    def backward(ctx, grad):
-        normed, inv_rms, weight = ctx.saved_tensors
-        g = grad.float() * weight
-        grad_x = torch.addcmul(g, normed, (g * normed).mean(-1, keepdim=True), value=-1).mul_(inv_rms)
-        return grad_x, (grad * normed).sum_to_size(weight.shape), None  # autograd casts grad_x to x's dtype
-
-
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim (see RMSNormFunction)."""
+    """x / rms(x) * weight over the last dim, rms(x) = sqrt(mean(x^2) + eps), taken in fp32 so that bf16
+    activations keep their scale."""
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
 
 
 def block_norm(dim, use_rmsnorm):
@@ -166,12 +149,12 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer('freqs_sin', angles.sin())
 
     def forward(self, x):
-        # x: (N, H, T, d); each pair (x_2k, x_2k+1) -> (x_2k cos - x_2k+1 sin, x_2k+1 cos + x_2k sin): the complex
-        # product (x_2k + i x_2k+1) e^(i angle), one pass forward and one backward, in the tables' precision. Taken
-        # over (N, T, H, d), the attention's layout in memory, so that the backward copies nothing.
-        rotation = torch.complex(self.freqs_cos[:, None, ::2], self.freqs_sin[:, None, ::2])     # (T, 1, d/2)
-        pairs = torch.view_as_complex(x.transpose(-3, -2).to(self.freqs_cos.dtype).unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs * rotation).flatten(-2).transpose(-3, -2)                  # (N, H, T, d)
+        # x: (N, H, T, d). Each pair (x_2k, x_2k+1) is a point in the plane, turned by its token's angle:
+        # (x_2k, x_2k+1) -> (x_2k cos - x_2k+1 sin, x_2k sin + x_2k+1 cos), in the tables' precision (fp32)
+        x = x.to(self.freqs_cos.dtype)
+        even, odd = x[..., 0::2], x[..., 1::2]                          # (N, H, T, d/2) each
+        cos, sin = self.freqs_cos[:, 0::2], self.freqs_sin[:, 0::2]     # (T, d/2): the angle of each pair
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)  # (N, H, T, d)
 
 
 class Attention(nn.Module):
@@ -228,10 +211,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, rope=None):
-        # each (N, 1, D), broadcast over the tokens; addcmul(x, gate, branch) = x + gate * branch in one kernel
+        # each (N, 1, D), broadcast over the tokens
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
-        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope))
-        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
