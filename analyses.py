@@ -183,7 +183,15 @@ def segment_statistics(features, labels, mean, std):
 
 def compression_statistics(features, labels):
     """sigma^2 and rho (segment_statistics) of each image, on the set's shared scale, averaged over the
-    images. features, labels: lists per image. -> {'sigma2', 'rho', 'n_rho' (images with a rho)}"""
+    images. features, labels: lists per image. -> {'sigma2', 'rho', 'n_rho' (images with a rho)}; a ValueError
+    where no image has a segment of two tokens (no sigma^2) or two segments (no rho)."""
+    sizes = [np.unique(np.asarray(l)[np.asarray(l) > 0], return_counts=True)[1] for l in labels]  # each image's segments, in tokens
+    if not any((n > 1).any() for n in sizes):  # refused, not averaged into nan with a RuntimeWarning
+        raise ValueError(f"the masks of the {len(labels)} images label no segment of two or more latent tokens, so sigma^2 is "
+                         f"undefined: give masks with labelled segments (label 0 is unlabelled)")
+    if not any((n > 1).any() and len(n) > 1 for n in sizes):
+        raise ValueError(f"none of the {len(labels)} images has two labelled segments, so rho is undefined: give masks that "
+                         f"label at least two segments per image")
     mean, std = channel_scale(features, labels)
     values = np.array([segment_statistics(f, l, mean, std) for f, l in zip(features, labels)]).reshape(-1, 2)
     return {'sigma2': float(np.nanmean(values[:, 0])), 'rho': float(np.nanmean(values[:, 1])),
@@ -217,16 +225,21 @@ def builtin_masked_images(image_size, num_images=0):
         yield image, as_label_image(labels.astype(np.int64))[0]
 
 
+def shared_patch_size(models):
+    """The downsampling factor of every model of {name: autoencoder}: their tokens are compared on one grid."""
+    patch = {m.patch_size for m in models.values()}
+    if len(patch) != 1:
+        raise ValueError(f"the autoencoders downsample by different factors {sorted(patch)}: compare ones with the same grid")
+    return patch.pop()
+
+
 @torch.no_grad()
 def token_features(models, pairs, device, batch_size=32, keep_images=False):
     """Per image: each model's latent tokens (posterior mean, (h*w, C)), the raw p x p pixel patches on the
     same grid ((h*w, p*p*3), values in [0, 1]) and the majority segment label of each patch.
     models: {name: autoencoder}, all with the same patch size; pairs: (image, label image) as masked_images.
     -> {'labels': [(h*w,)], 'pixel': [...], name: [...], 'images': [uint8 (H, W, 3)] if keep_images}"""
-    patch = {m.patch_size for m in models.values()}
-    if len(patch) != 1:
-        raise ValueError(f"the autoencoders downsample by different factors {sorted(patch)}: compare ones with the same grid")
-    p = patch.pop()
+    p = shared_patch_size(models)
     out = {'labels': [], 'pixel': [], 'images': [], **{name: [] for name in models}}
     pairs = iter(pairs)
     with exact_fp32():
@@ -303,13 +316,16 @@ def radar_scores(recon, smoothness=None, compression=None, generation=None):
     perceptual = next((k for k in ('rfid', 'lpips') if all(k in r for r in rows.values())), None)
     axes = {}
     if smoothness:
-        def rise(curve):
-            levels = sorted((float(e), m) for e, m in curve.items())
-            base, perturbed = levels[0][1], [m for e, m in levels if e > 0]
+        def rise(name, curve):
+            levels = {float(e): m for e, m in curve.items()}
+            if 0.0 not in levels:  # the change is measured from the unperturbed latents
+                raise ValueError(f"the smoothness results of '{name}' have no eps = 0 (only {', '.join(curve)}): "
+                                 f"run evaluate.py smoothness with 0 among --eps")
+            base, perturbed = levels[0.0], [m for e, m in levels.items() if e > 0]
             key = 'rfid' if 'rfid' in base else 'psnr'
             change = float(np.mean([m[key] - base[key] for m in perturbed]))
             return -change if key == 'rfid' else change
-        axes['smoothness'] = {n: rise(smoothness['autoencoders'][n]['eps']) for n in names}
+        axes['smoothness'] = {n: rise(n, smoothness['autoencoders'][n]['eps']) for n in names}
     if compression:
         axes['compression'] = {n: compression['autoencoders'][n]['rho'] - compression['autoencoders'][n]['sigma2'] for n in names}
     axes['PSNR'] = {n: rows[n]['psnr'] for n in names}

@@ -462,12 +462,33 @@ def check_diffusers_config(config, config_file):
         raise ValueError(f"'{config_file}' is not an AutoencoderKL config (found {found})")
     if config.get('use_quant_conv', True) or config.get('use_post_quant_conv', True):
         raise quant_conv_error(config_file)
+    check_field_types(config, config_file)
     blocks = set(config.get('down_block_types', ['DownEncoderBlock2D'])) | set(config.get('up_block_types', ['UpDecoderBlock2D']))
     if blocks - {'DownEncoderBlock2D', 'UpDecoderBlock2D'}:
         raise ValueError(f"'{config_file}': block types {sorted(blocks)} are not supported (only DownEncoderBlock2D/UpDecoderBlock2D)")
     for key, want in (('act_fn', 'silu'), ('mid_block_add_attention', True), ('out_channels', config.get('in_channels', 3))):
         if config.get(key, want) != want:
             raise ValueError(f"'{config_file}': {key}={config[key]!r} is not supported (this ConvAE needs {key}={want!r})")
+
+
+def positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_field_types(config, config_file):
+    """The fields read_diffusers_folder reads, present and of the right type (a string where a list of ints
+    belongs would fail deep inside the model with an unrelated message)."""
     missing = [k for k in ('block_out_channels', 'layers_per_block', 'latent_channels', 'norm_num_groups') if k not in config]
     if missing:
         raise ValueError(f"'{config_file}' lacks {missing}")
+    for key in ('in_channels', 'out_channels', 'layers_per_block', 'latent_channels', 'norm_num_groups'):
+        if key in config and not positive_int(config[key]):
+            raise ValueError(f"'{config_file}': {key} must be a positive integer, got {config[key]!r}")
+    channels = config['block_out_channels']
+    if not (isinstance(channels, list) and channels and all(positive_int(c) for c in channels)):
+        raise ValueError(f"'{config_file}': block_out_channels must be a list of positive integers, got {channels!r}")
+    if any(c % config['norm_num_groups'] for c in channels):
+        raise ValueError(f"'{config_file}': norm_num_groups {config['norm_num_groups']} does not divide block_out_channels {channels}")
+    for key in ('down_block_types', 'up_block_types'):
+        if key in config and not (isinstance(config[key], list) and all(isinstance(b, str) for b in config[key])):
+            raise ValueError(f"'{config_file}': {key} must be a list of block names, got {config[key]!r}")

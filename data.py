@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import fileio
 from common import seed_for
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.gif')
@@ -96,8 +97,8 @@ def save_grid(images, path, ncol, row_labels=None, upscale=1):
         grid.paste(tile, (label_w + pad + c * (w + pad), pad + r * (h + pad)))
     for r, text in enumerate(row_labels or []):
         draw.text((6, pad + r * (h + pad) + h // 2), text, fill=(0, 0, 0), font=font, anchor='lm')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    with fileio.atomic_write(path) as f:  # a temporary file, renamed when complete: no half-written grid
+        grid.save(f, format='PNG')  # the format by name: the temporary file ends in .tmp
 
 
 def open_rgb(path):

@@ -16,6 +16,7 @@ $ python demo.py                 # everything goes to out/demo; run it again to 
 Each stage prints the command that does it on its own.
 """
 
+import argparse
 import json
 import os
 import time
@@ -87,10 +88,16 @@ DiT samples whose shape a colour-blind classifier names as their class: {100 * r
 checkpoints: {stage1_ckpt}, {vmae_ckpt}, {dit_ckpt}""")
 
 
+def parse_args(argv=None):
+    """No options: --help prints this file's docstring, and anything else is refused before a long run starts."""
+    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+
+
 def latest(folder, prefix):
     return os.path.join(folder, sorted(f for f in os.listdir(folder) if f.startswith(prefix))[-1])
 
 
 if __name__ == '__main__':
+    parse_args()
     with common.clear_errors():
         main()

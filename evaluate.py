@@ -42,7 +42,7 @@ import fileio
 from adm import evaluate_generation, open_images
 from analyses import (SMOOTHNESS_EPS, SegmentationMasks, builtin_masked_images, compression_statistics, evaluate_compression,
                       evaluate_reconstruction, heun_match, kmeans, masked_images, measure_latent_std, project_2d, radar_scores, recognition_study,
-                      rescale, solver_study, standardise_tokens, thumbnail_side, token_features, train_classifier)
+                      rescale, shared_patch_size, solver_study, standardise_tokens, thumbnail_side, token_features, train_classifier)
 from autoencoders import dit_latent, load_autoencoder, load_generator
 from common import print0, seeded_noise
 from data import BUILTIN_CLASSES, BuiltinShapes, build_dataset, to_uint8
@@ -190,7 +190,7 @@ def run_fid(cfg, d):
         return
     results, info = out
     print_table(['metric', 'value'], [[METRIC_LABELS[k], format_value(v)] for k, v in results.items()])
-    write_results(cfg.out or samples.path + '.metrics.json', {**results, **info}, cfg, inception)
+    write_results(output_path(cfg, 'fid'), {**results, **info}, cfg, inception)
 
 
 def autoencoder_names(cfg):
@@ -198,6 +198,9 @@ def autoencoder_names(cfg):
     if cfg.names:
         if len(cfg.names) != len(cfg.autoencoder):
             raise ValueError(f"--names gives {len(cfg.names)} names for {len(cfg.autoencoder)} autoencoders")
+        twice = sorted({n for n in cfg.names if cfg.names.count(n) > 1})
+        if twice:  # the names key the results: a repeated one would keep one autoencoder's row and drop the other's
+            raise ValueError(f"--names gives {', '.join(repr(n) for n in twice)} more than once: give each autoencoder its own name")
         return list(cfg.names)
     def name(path):
         path = os.path.normpath(path)
@@ -208,12 +211,32 @@ def autoencoder_names(cfg):
 
 
 def output_path(cfg, command):
-    """--out, else next to the checkpoint for one autoencoder, else analysis/<command>.json."""
+    """--out, else beside the input: the samples (fid), the recon JSON (radar), the DiT (solvers, recognition),
+    the checkpoint of a single autoencoder; with several, analysis/<command>.json."""
     if cfg.out:
         return cfg.out
+    if command == 'fid':
+        return cfg.samples.rstrip('/') + '.metrics.json'
+    if command == 'radar':
+        return os.path.join(os.path.dirname(cfg.recon), 'radar.json')
+    if command in ('solvers', 'recognition'):
+        return f'{cfg.dit}.{command}.json'
     if len(cfg.autoencoder) == 1:
         return cfg.autoencoder[0].rstrip('/') + f'.{command}.json'
     return os.path.join('analysis', f'{command}.json')
+
+
+def plot_path(path):
+    """The PNG written beside a command's JSON."""
+    return os.path.splitext(path)[0] + '.png'
+
+
+def check_output_paths(name, cfg):
+    """The JSON (and the PNG beside it) must be writable, checked before the evaluation runs."""
+    path = output_path(cfg, name)
+    fileio.check_output_file(path, '--out' if cfg.out else 'the default output')
+    if COMMANDS[name].plots and os.path.isdir(plot_path(path)):
+        raise ValueError(f"the plot {plot_path(path)} (beside {path}) is a folder: choose another --out")
 
 
 def load_autoencoders(cfg, d):
@@ -268,11 +291,34 @@ def run_recon(cfg, d):
                                               'image_size': size}, cfg, inception)
 
 
-def latent_std_for(cfg, name, model, dataset, d):
-    """--latent_stats' std, else one measured on the evaluated images, of the latent a DiT learns (a posterior
-    sample of a VMAE, the mean of a convolutional model). -> (std (C,), where it came from)"""
-    if cfg.latent_stats:
-        std, source = read_latent_stats(cfg.latent_stats)['std'], f"from {cfg.latent_stats}"
+def recorded_autoencoder(path):
+    """(path, sha256) of the autoencoder whose latents a --latent_stats file describes, as a train_dit.py
+    checkpoint (its config) or latents/meta.json records them; (None, None) in the authors' latents_stats.pt."""
+    if path.endswith('.json'):
+        with open(path) as f:
+            record = json.load(f)
+    else:
+        record = fileio.read_checkpoint(path).get('config')
+    return (record.get('autoencoder'), record.get('autoencoder_sha256')) if isinstance(record, dict) else (None, None)
+
+
+def given_latent_std(cfg):
+    """--latent_stats' std, refused when the file records another autoencoder than --autoencoder: those
+    statistics belong to another latent space."""
+    std = read_latent_stats(cfg.latent_stats)['std']
+    source, sha256 = recorded_autoencoder(cfg.latent_stats)
+    path = cfg.autoencoder[0]
+    if sha256 and sha256 != fileio.file_sha256(path):
+        raise ValueError(f"--latent_stats {cfg.latent_stats} describes the latents of {source}, not of --autoencoder {path} "
+                         f"(their sha256 differ): give the statistics made with {path}, or leave --latent_stats out to measure them")
+    return std
+
+
+def latent_std_for(cfg, name, model, dataset, d, given=None):
+    """`given` (--latent_stats' std), else one measured on the evaluated images, of the latent a DiT learns (a
+    posterior sample of a VMAE, the mean of a convolutional model). -> (std (C,), where it came from)"""
+    if given is not None:
+        std, source = given, f"from {cfg.latent_stats}"
     else:
         sample = dit_latent(model) == 'sample'
         std = measure_latent_std(model, dataset, d, cfg.batch_size, cfg.num_workers, cfg.seed, sample)
@@ -287,12 +333,13 @@ def run_smoothness(cfg, d):
     """Fig. 6: reconstructions from perturbed latents, each autoencoder with its own latent std."""
     if cfg.latent_stats and len(cfg.autoencoder) > 1:
         raise ValueError("--latent_stats belongs to one autoencoder: with several, leave it out (each one's std is measured)")
+    given = given_latent_std(cfg) if cfg.latent_stats else None
     models, size = load_autoencoders(cfg, d)
     dataset = evaluation_images(cfg, size)
     inception, lpips_net = reconstruction_tools(cfg, d)
     results = {}
     for name, model in models.items():
-        std, source = latent_std_for(cfg, name, model, dataset, d)
+        std, source = latent_std_for(cfg, name, model, dataset, d, given)
         out = evaluate_reconstruction(model, dataset, d, cfg.eps, std, cfg.batch_size, cfg.num_workers, inception, lpips_net, cfg.seed)
         results[name] = (out, std, source)
     if not d.master:
@@ -305,7 +352,7 @@ def run_smoothness(cfg, d):
     write_results(path, {'autoencoders': {name: {'eps': {f'{e:g}': out[e] for e in cfg.eps}, 'latent_std': std.tolist(),
                                                  'latent_std_source': source} for name, (out, std, source) in results.items()},
                          'data': cfg.data, 'n_images': len(dataset), 'seed': cfg.seed}, cfg, inception)
-    plot_smoothness({name: out for name, (out, _, _) in results.items()}, os.path.splitext(path)[0] + '.png')
+    plot_smoothness({name: out for name, (out, _, _) in results.items()}, plot_path(path))
 
 
 def masked_pairs(cfg, size):
@@ -329,13 +376,16 @@ def run_compression(cfg, d):
     path = output_path(cfg, 'compression')
     write_results(path, {'autoencoders': {k: results[k] for k in models}, 'pixel': results['pixel'], 'n_images': results['n_images'],
                          'data': cfg.data, 'masks': cfg.masks, 'image_size': size}, cfg)
-    plot_compression({k: results[k] for k in [*models, 'pixel']}, os.path.splitext(path)[0] + '.png',
+    plot_compression({k: results[k] for k in [*models, 'pixel']}, plot_path(path),
                      f"{cfg.data}: {results['n_images']} images")
 
 
 def run_kmeans(cfg, d):
     """Fig. 4: k-means clusters of each autoencoder's latent tokens over the images, for each k."""
     models, size = load_autoencoders(cfg, d)
+    tokens = (size // shared_patch_size(models)) ** 2
+    if max(cfg.ks) > tokens:
+        raise ValueError(f"--ks {max(cfg.ks)}: an image has only {tokens} latent tokens at {size} px, so k can be at most {tokens}")
     dataset = build_dataset(cfg.data, size, train=False, split='val')
     if max(cfg.images) >= len(dataset):
         raise ValueError(f"--images: {cfg.data} has {len(dataset)} images, so indices go up to {len(dataset) - 1}")
@@ -348,7 +398,7 @@ def run_kmeans(cfg, d):
             maps[name] = [[kmeans(t, k, cfg.seed).tolist() for k in cfg.ks] for t in tokens]
     path = output_path(cfg, 'kmeans')
     write_results(path, {'autoencoders': maps, 'images': list(cfg.images), 'ks': list(cfg.ks), 'data': cfg.data}, cfg)
-    plot_kmeans(images, maps, cfg.ks, next(iter(models.values())).grid, os.path.splitext(path)[0] + '.png')
+    plot_kmeans(images, maps, cfg.ks, next(iter(models.values())).grid, plot_path(path))
 
 
 def run_projection(cfg, d):
@@ -367,11 +417,12 @@ def run_projection(cfg, d):
     path = output_path(cfg, 'projection')
     write_results(path, {'autoencoders': {n: {'xy': p[0], 'labels': p[1], 'sigma2': p[2]} for n, p in panels.items()},
                          'image': cfg.image, 'n_images': len(tokens['labels']), 'data': cfg.data, 'masks': cfg.masks}, cfg)
-    plot_projection(panels, tokens['images'][cfg.image], os.path.splitext(path)[0] + '.png')
+    plot_projection(panels, tokens['images'][cfg.image], plot_path(path))
 
 
-def read_results(path, key, command):
-    """A JSON an evaluate.py command wrote, checked for the `key` it holds; else a one-line error."""
+def read_results(path, key, command, row_keys=()):
+    """A JSON an evaluate.py command wrote, checked for the `key` it holds and, in each autoencoder's row
+    under it, the `row_keys` (another command's JSON has 'autoencoders' too); else a one-line error."""
     try:
         with open(path) as f:
             results = json.load(f)
@@ -379,6 +430,11 @@ def read_results(path, key, command):
         raise ValueError(f"'{path}' is not a JSON file ({type(e).__name__})") from None
     if not isinstance(results, dict) or key not in results:
         raise ValueError(f"'{path}' is not what {command} writes (no '{key}'): give the JSON of that command")
+    rows = results[key] if isinstance(results[key], dict) else {key: results[key]}
+    for name, row in rows.items() if row_keys else ():
+        lacking = [k for k in row_keys if not isinstance(row, dict) or k not in row]
+        if lacking:
+            raise ValueError(f"'{path}' is not what {command} writes ('{name}' has no '{lacking[0]}'): give the JSON of that command")
     return results
 
 
@@ -390,13 +446,15 @@ def run_radar(cfg, d):
         if not sep:
             raise ValueError(f"--generation takes name=path pairs (an evaluate.py fid JSON per autoencoder), got '{item}'")
         generation[name] = read_results(path, 'FID', 'evaluate.py fid')
-    scores = radar_scores(*[read_results(path, 'autoencoders', f'evaluate.py {command}') if path else None for command, path in
-                            (('recon', cfg.recon), ('smoothness', cfg.smoothness), ('compression', cfg.compression))], generation or None)
+    inputs = (('recon', cfg.recon, ('psnr',)), ('smoothness', cfg.smoothness, ('eps',)),
+              ('compression', cfg.compression, ('sigma2', 'rho')))  # each row's keys, which another command's rows lack
+    scores = radar_scores(*[read_results(path, 'autoencoders', f'evaluate.py {command}', row_keys) if path else None
+                            for command, path, row_keys in inputs], generation or None)
     scaled = rescale(scores)
     print_table(['axis', *next(iter(scores.values()))], [[axis, *[f'{v:.4g}' for v in values.values()]] for axis, values in scores.items()])
-    path = cfg.out or os.path.join(os.path.dirname(cfg.recon), 'radar.json')
+    path = output_path(cfg, 'radar')
     write_results(path, {'scores': scores, 'rescaled': scaled}, cfg)
-    plot_radar(scaled, os.path.splitext(path)[0] + '.png')
+    plot_radar(scaled, plot_path(path))
 
 
 def run_solvers(cfg, d):
@@ -419,10 +477,10 @@ def run_solvers(cfg, d):
     match = heun_match(rows)
     print(f"Euler-250 ({euler['forwards']} forwards): " + (f"matched by Heun-{match['steps']} ({match['forwards']} forwards)"
                                                            if match else "not matched by any Heun run here"))
-    out = cfg.out or cfg.dit + '.solvers.json'
+    out = output_path(cfg, 'solvers')
     write_results(out, {'rows': rows, 'heun_matching_euler_250': match and match['steps'], 'n_samples': cfg.num_samples,
                         'guidance': {k: v for k, v in guidance.items()}}, cfg)
-    plot_solvers(rows, os.path.splitext(out)[0] + '.png')
+    plot_solvers(rows, plot_path(out))
 
 
 def run_recognition(cfg, d):
@@ -430,6 +488,9 @@ def run_recognition(cfg, d):
         raise ValueError("recognition runs in one process: start it with python, not torchrun")
     if cfg.data != 'builtin' and not cfg.held_out:
         raise ValueError("evaluate.py recognition on a folder needs --held_out: real images of the same classes that --data does not hold")
+    if cfg.held_out and os.path.realpath(cfg.held_out) == os.path.realpath(cfg.data):
+        hint = "leave --held_out out for the built-in val split" if cfg.data == 'builtin' else "give another folder of the same classes"
+        raise ValueError(f"--held_out {cfg.held_out} is the --data the judge trains on: its bar must be images it never saw ({hint})")
     model, stats, autoencoder = load_generator(cfg.dit, cfg.autoencoder, '', 'ema', d.device)
     if model.num_classes < 2:
         raise ValueError(f"{cfg.dit} is an unconditional DiT: its samples have no class to recognise")
@@ -453,8 +514,8 @@ def run_recognition(cfg, d):
           f"{100 * real:.1f}% of {len(held_out)} ({100 * samples / real:.0f}% of the real rate), the autoencoder's "
           f"reconstructions of them {100 * recon:.1f}% ({'colour-blind' if cfg.data == 'builtin' else 'colour'} judge "
           f"trained on {len(train_set)} images of {cfg.data})")
-    write_results(cfg.out or cfg.dit + '.recognition.json', {**rates, 'real_mean': real, 'reconstructions_mean': recon,
-                                                            'samples_mean': samples, 'classes': train_set.classes}, cfg)
+    write_results(output_path(cfg, 'recognition'), {**rates, 'real_mean': real, 'reconstructions_mean': recon,
+                                                    'samples_mean': samples, 'classes': train_set.classes}, cfg)
 
 
 @dataclasses.dataclass
@@ -463,6 +524,7 @@ class Command:
     run: Callable
     required: tuple  # flags without a sensible default, checked before any work
     help: str
+    plots: bool = False  # writes a PNG beside its JSON
 
 
 COMMANDS = {
@@ -470,17 +532,17 @@ COMMANDS = {
     'recon': Command(ReconConfig, run_recon, ('autoencoder', 'data'),
                      'Reconstruction metrics of an autoencoder from the posterior mean: L1, MSE, PSNR, SSIM, LPIPS, rFID.'),
     'smoothness': Command(SmoothnessConfig, run_smoothness, ('autoencoder', 'data'),
-                          'Latent smoothness (Fig. 6): reconstruction metrics from latents perturbed by eps x channel std x N(0, I).'),
+                          'Latent smoothness (Fig. 6): reconstruction metrics from latents perturbed by eps x channel std x N(0, I).', plots=True),
     'compression': Command(CompressionConfig, run_compression, ('autoencoder', 'data', 'masks'),
-                           'Perceptual compression (Fig. 7): within-segment variance and disentanglement of latents vs pixels.'),
+                           'Perceptual compression (Fig. 7): within-segment variance and disentanglement of latents vs pixels.', plots=True),
     'kmeans': Command(KmeansConfig, run_kmeans, ('autoencoder', 'data'),
-                      'Hierarchical compression (Fig. 4): k-means clusters of the latent tokens over images, for several k.'),
+                      'Hierarchical compression (Fig. 4): k-means clusters of the latent tokens over images, for several k.', plots=True),
     'projection': Command(ProjectionConfig, run_projection, ('autoencoder', 'data', 'masks'),
-                          "Compressed latents (Fig. 8): one image's tokens on two principal axes, coloured by segment."),
+                          "Compressed latents (Fig. 8): one image's tokens on two principal axes, coloured by segment.", plots=True),
     'radar': Command(RadarConfig, run_radar, ('recon',),
-                     'The summary (Fig. 2): each property rescaled over the autoencoders, from the JSONs of the commands above.'),
+                     'The summary (Fig. 2): each property rescaled over the autoencoders, from the JSONs of the commands above.', plots=True),
     'solvers': Command(SolversConfig, run_solvers, ('dit',),
-                       'Sampler accuracy: Euler and Heun at several step counts against a fine reference, same noise.'),
+                       'Sampler accuracy: Euler and Heun at several step counts against a fine reference, same noise.', plots=True),
     'recognition': Command(RecognitionConfig, run_recognition, ('dit', 'data'),
                            'Do samples show their class? A small classifier trained on real images judges samples and held-out real images.'),
 }
@@ -519,6 +581,9 @@ def parse_command(argv):
     for name, command in COMMANDS.items():
         parsers[name] = subparsers.add_parser(name, help=command.help, description=command.help)
         common.add_config_arguments(parsers[name], command.config)
+    first = argv[0] if argv else ''
+    if first not in COMMANDS and first.isidentifier() and not os.path.exists(first):  # a word, not REF: a mistyped command
+        raise ValueError(f"unknown command '{first}': choose one of {', '.join(COMMANDS)} (or give fid's REF and SAMPLES)")
     if argv and argv[0] not in COMMANDS and argv[0] not in ('-h', '--help'):
         argv = ['fid', *argv]  # backward compatibility: generation metrics were the command-less default before sub-commands
     args = parser.parse_args(argv)
@@ -526,13 +591,14 @@ def parse_command(argv):
 
 
 def main(argv=None):
-    name, cfg = parse_command(sys.argv[1:] if argv is None else list(argv))
-    command = COMMANDS[name]
     with common.clear_errors():
+        name, cfg = parse_command(sys.argv[1:] if argv is None else list(argv))
+        command = COMMANDS[name]
         missing = [f'--{flag}' for flag in command.required if not getattr(cfg, flag)]
         if missing:
             raise ValueError(f"evaluate.py {name} needs {' and '.join(missing)} (see evaluate.py {name} -h)")
         check_config(cfg)
+        check_output_paths(name, cfg)
         d = common.setup_distributed(getattr(cfg, 'device', 'cpu'))  # radar only reads JSON files
         command.run(cfg, d)
         common.cleanup_distributed()  # not on an error: a rank that fails leaves, and torchrun stops the others

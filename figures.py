@@ -13,13 +13,16 @@ import numpy as np
 matplotlib.use('Agg')  # files, no window: plots are written on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
+import fileio  # noqa: E402
 from common import print0  # noqa: E402
 from metrics import METRIC_LABELS  # noqa: E402
 
 
 def save(fig, path):
+    """Write the figure as a PNG through a temporary file, so an interrupted run leaves no half a plot."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with fileio.atomic_write(path) as f:
+        fig.savefig(f, format='png', dpi=120)  # the format by name: the temporary file ends in .tmp
     plt.close(fig)
     print0(f"plot: {path}")
     return path

@@ -15,6 +15,7 @@ $ python study.py                # everything goes to out/study; run it again to
 Each stage prints the command that does it on its own.
 """
 
+import argparse
 import json
 import os
 import time
@@ -50,6 +51,11 @@ def main():
     analyse("Fig. 2: the radar", 'radar', ['--recon', out['recon'], '--smoothness', out['smoothness'],
                                          '--compression', out['compression']], out['radar'])
     report(out, time.time() - t0)
+
+
+def parse_args(argv=None):
+    """No options: --help prints this file's docstring, and anything else is refused before a long run starts."""
+    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
 
 
 def train_all():
@@ -114,5 +120,6 @@ def report(out, seconds):
 
 
 if __name__ == '__main__':
+    parse_args()
     with common.clear_errors():
         main()

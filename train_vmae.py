@@ -32,6 +32,7 @@ import torch
 import common
 import convae
 import data
+import fileio
 import metrics
 import vmae
 
@@ -105,6 +106,7 @@ def check_config(cfg):
                   'disc_start': 0},
         multiple_of={'image_size': 8}, above={'kl_target_std': 0, 'blr': 0, 'epochs': 0},
         below={'mask_ratio': 1, 'beta1': 1, 'beta2': 1})
+    fileio.check_output_dir(cfg.out_dir)
 
 
 def main(cfg):
@@ -123,6 +125,15 @@ def main(cfg):
     init_weights = read_weights(cfg.init_from, convolutional) if cfg.init_from and not cfg.resume else None
     perceptual = vmae.lpips_vgg().to(device) if cfg.perceptual_weight > 0 else None  # offline without VGG16: stop now
 
+    # model: the mask token exists only when masking is on, so DDP sees no unused parameters; its starting
+    # weights are loaded now, so weights of another shape fail before the data scan
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg)
+    if resume_from is not None:
+        load_checked(model, resume_from['model'], f"--resume: {last_path}", cfg)
+    elif init_weights is not None:
+        load_checked(model, init_weights, f"--init_from {cfg.init_from}", cfg)
+
     # data: each rank reads its shard; ResumableSampler makes the order and augmentation a function of (seed, epoch, index)
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=True)
     loader, sampler, steps_per_epoch = data.training_loader(dataset, cfg.micro_batch_size, accum, dist, cfg.seed, cfg.num_workers)
@@ -136,11 +147,6 @@ def main(cfg):
                                cfg.kl_target_std, cfg.kl_standard)
     val_images = fixed_val_batch(cfg, dataset)
 
-    # model: the mask token exists only when masking is on, so DDP sees no unused parameters
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg)
-    if init_weights is not None:
-        model.load_weights(init_weights)
     if not cfg.train_encoder:
         for module in encoder_modules(model):
             module.requires_grad_(False)
@@ -157,7 +163,6 @@ def main(cfg):
     ctx, scaler = common.mixed_precision(device, cfg.dtype)
     step = 0
     if resume_from is not None:
-        model.load_weights(resume_from['model'])
         if disc:
             disc.load_state_dict(resume_from['discriminator'])
             disc_optimizer.load_state_dict(resume_from['disc_optimizer'])
@@ -245,6 +250,18 @@ def build_model(cfg):
     if is_convolutional(cfg):
         return convae.ConvAE_models[cfg.model](img_size=cfg.image_size)
     return vmae.VMAE_models[cfg.model](img_size=cfg.image_size, mask_token=cfg.mask_ratio > 0)
+
+
+def load_checked(model, weights, source, cfg):
+    """model.load_weights, with weights of another shape refused in one line (load_state_dict's own error
+    lists every tensor). Position tables are left out: load_weights resizes them to the image size."""
+    theirs = fileio.strip_wrapper_prefixes(weights)
+    differ = [f"{k} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in model.state_dict().items()
+              if k in theirs and theirs[k].shape != v.shape and not k.endswith('pos_embed')]
+    if differ:
+        raise ValueError(f"{source} holds weights of another shape than --model {cfg.model} ({len(differ)} tensors differ, "
+                         f"e.g. {differ[0]}): pass the --model that made it")
+    model.load_weights(weights)
 
 
 def read_weights(path, convolutional):

@@ -19,6 +19,7 @@ import fileio
 import sample
 import train_dit
 import vmae
+from test_sample import same_up_to_rounding
 from test_train_dit import config, make_images_and_vmae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,7 @@ def test_killed_sampling_refuses_other_settings_and_resumes_with_another_batch_s
     sample.main(sample.parse_args(fid_flags(root, out, batch_size=5)))
     resumed, straight = np.load(out), np.load(tmp_path / 'straight.npz')
     assert np.array_equal(resumed['arr_1'], straight['arr_1'])
-    assert np.array_equal(resumed['arr_0'], straight['arr_0'])
+    assert same_up_to_rounding(resumed['arr_0'], straight['arr_0'])
     assert resumed['arr_0'].reshape(12, -1).max(axis=1).min() > 0                     # no black image among them
     assert not os.path.exists(str(out) + '.parts')
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import analyses
 import autoencoders
 import data
 import evaluate
@@ -48,33 +49,29 @@ def test_grid_is_deterministic_per_seed(trained, tmp_path, capsys):
     assert not np.array_equal(grid(tmp_path / 'a.png'), grid(tmp_path / 'c.png'))
 
 
+def same_up_to_rounding(a, b):
+    """uint8 images equal but where fp32 rounding tipped a pixel over a level: the CPU's matrix kernels
+    sum in another order for another batch size (about 1e-5 on [-1, 1] images), so a rare pixel moves by one."""
+    return np.abs(a.astype(int) - b.astype(int)).max() <= 1 and (a != b).mean() < 0.01
+
+
 def test_fid_npz_is_exact_balanced_and_independent_of_batching(trained, tmp_path):
     ckpt = str(trained / 'dit' / 'last.pt')
-    run_sample('--dit', ckpt, '--num-fid-samples', '10', '--batch-size', '4', '--steps', '3', '--out', str(tmp_path / 'a.npz'))
-    run_sample('--dit', ckpt, '--num-fid-samples', '10', '--batch-size', '3', '--steps', '3', '--out', str(tmp_path / 'b.npz'))
+    run_sample('--dit', ckpt, '--num_fid_samples', '10', '--batch_size', '4', '--steps', '3', '--out', str(tmp_path / 'a.npz'))
+    run_sample('--dit', ckpt, '--num_fid_samples', '10', '--batch_size', '3', '--steps', '3', '--out', str(tmp_path / 'b.npz'))
     a, b = np.load(tmp_path / 'a.npz'), np.load(tmp_path / 'b.npz')
     assert a['arr_0'].shape == (10, 32, 32, 3) and a['arr_0'].dtype == np.uint8
     assert a['arr_1'].tolist() == [i % 3 for i in range(10)]
-    assert np.array_equal(a['arr_0'], b['arr_0'])
+    assert same_up_to_rounding(a['arr_0'], b['arr_0'])
     assert not os.path.exists(tmp_path / 'a.npz.parts')
     # sample i's noise depends on (seed, i) only: generating sample 3 alone gives the npz's image 3
     args = sample.parse_args(['--dit', ckpt, '--steps', '3'])
     model, stats, vae, _ = sample.load_models(args, torch.device('cpu'))
-    alone = autoencoders.generate(model, vae, stats, [0], [3], args.seed, **sample.sampler_settings(args))
-    assert np.array_equal(data.to_uint8(alone)[0].numpy(), a['arr_0'][3])
-
-
-def test_fid_sampling_resumes(trained, tmp_path):
-    ckpt, out = str(trained / 'dit' / 'last.pt'), str(tmp_path / 's.npz')
-    run_sample('--dit', ckpt, '--num-fid-samples', '9', '--batch-size', '4', '--steps', '3', '--out', out)
-    full = np.load(out)['arr_0']
-    os.remove(out)
-    # a run killed after its first batch: rows 0-3 on disk, the rest missing
-    import common
-    store = common.ShardedArrays(out + '.parts', 9, 4, {'images': ((32, 32, 3), np.uint8), 'labels': ((), np.int64)}, common.Dist())
-    store.write(0, images=full[:4], labels=np.arange(4) % 3)
-    run_sample('--dit', ckpt, '--num-fid-samples', '9', '--batch-size', '4', '--steps', '3', '--out', out)
-    assert np.array_equal(np.load(out)['arr_0'], full)
+    settings = sample.sampler_settings(args)
+    alone = autoencoders.generate(model, vae, stats, [0], [3], args.seed, **settings)
+    batch = autoencoders.generate(model, vae, stats, [0, 1, 2, 0], [0, 1, 2, 3], args.seed, **settings)
+    torch.testing.assert_close(alone[0], batch[3], rtol=0, atol=1e-4)
+    assert same_up_to_rounding(data.to_uint8(alone)[0].numpy(), a['arr_0'][3])
 
 
 def test_two_gpus_worth_of_ranks_write_the_same_npz(trained, tmp_path):
@@ -117,9 +114,14 @@ def test_bad_input_is_one_clear_line(trained, tmp_path):
              (['--dit', ckpt], 'this DiT is class-conditional: pass --class'),
              (['--dit', str(tmp_path / 'missing.pt'), '--class', '0'], 'missing.pt not found: pass --dit'),
              (['--dit', str(trained / 'vmae.pt'), '--class', '0'], "found a checkpoint of kind 'vmae'"),
-             (['--dit', ckpt, '--class', '0', '--vmae', str(tmp_path / 'vmae8.pt')], 'makes latents of shape (8, 4, 4)')]
+             (['--dit', ckpt, '--class', '0', '--vmae', str(tmp_path / 'vmae8.pt')], 'makes latents of shape (8, 4, 4)'),
+             (['--dit', ckpt, '--class', '0', '--cfg_channels', '99'], "--cfg_channels 99 is more than the DiT's 16 latent channels"),
+             (['--dit', ckpt, '--num_fid_samples', '4', '--out', str(tmp_path / 'x.png')], 'x.png must end in .npz'),
+             (['--dit', ckpt, '--class', '0', '--out', str(tmp_path / 'grid')], 'grid must end in .png or .jpg or .jpeg'),
+             (['--dit', ckpt, '--class', '0', '--out', str(tmp_path)], 'is a folder: give a file name inside it'),
+             (['--dit', ckpt, '--class', '0', '--out', str(tmp_path / 'vmae8.pt' / 'x.png')], 'vmae8.pt is a file, not a folder')]
     for flags, message in cases:
-        result = cli(*flags, '--steps', '2', '--out', str(tmp_path / 'x.png'))
+        result = cli(*flags, '--steps', '2', *([] if '--out' in flags else ['--out', str(tmp_path / 'x.png')]))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
@@ -132,7 +134,11 @@ def test_unconditional_dit_samples_without_guidance_by_default(trained, tmp_path
     train_dit.main(config(trained, tmp_path / 'run', data=str(flat), latents=str(tmp_path / 'lat'), max_steps=2))
     ckpt = str(tmp_path / 'run' / 'last.pt')
     run_sample('--dit', ckpt, '--n', '2', '--steps', '3', '--out', str(tmp_path / 'u.png'))
-    assert (tmp_path / 'u.png').exists()
+    # two samples of the one class, unguided (scale 1), in one unlabelled row
+    model, stats, vae = autoencoders.load_generator(ckpt)
+    images = autoencoders.generate(model, vae, stats, [0, 0], [0, 1], 0, steps=3, cfg_scale=1.0)
+    data.save_grid(images, str(tmp_path / 'expected.png'), ncol=2, upscale=4)
+    assert np.abs(grid(tmp_path / 'u.png').astype(int) - grid(tmp_path / 'expected.png').astype(int)).max() <= 1
     result = cli('--dit', ckpt, '--cfg-scale', '4', '--steps', '2', '--out', str(tmp_path / 'x.png'))
     assert result.returncode == 2 and 'cannot be guided: use --cfg_scale 1' in result.stderr
 
@@ -148,16 +154,31 @@ def test_solver_study_cli(trained, tmp_path):
     assert (tmp_path / 'solvers.png').stat().st_size > 0
 
 
-def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tmp_path, capsys):
+def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tmp_path, capsys, monkeypatch):
+    judges, train_judge = [], analyses.train_classifier
+    monkeypatch.setattr(analyses, 'train_classifier', lambda *args, **kwargs: judges.append(train_judge(*args, **kwargs)) or judges[-1])
+    held_out_folder = make_images_and_vmae(tmp_path / 'held_out', per_class=4, seed=1) / 'images'   # other images, same classes
     out = tmp_path / 'recognition.json'
     evaluate.main(['recognition', '--dit', str(trained / 'dit' / 'last.pt'), '--data', str(trained / 'images'),
-                   '--held_out', str(trained / 'images'), '--num_samples', '6', '--steps', '3', '--out', str(out)])
+                   '--held_out', str(held_out_folder), '--num_samples', '6', '--steps', '3', '--out', str(out)])
     result = json.loads(out.read_text())
     assert result['classes'] == ['class0', 'class1', 'class2'] and len(result['samples']) == 3
     # the classes differ in brightness (c + 1 times darker), which a colour judge learns: it knows real images
     assert result['real_mean'] > 0.9
-    assert len(result['reconstructions']) == 3 and 0 <= result['reconstructions_mean'] <= 1
-    assert 0 <= result['samples_mean'] <= 1 and result['samples_mean'] == pytest.approx(sum(result['samples']) / 3)
+    # every rate is what the trained judge (kept here) says of the images made by hand: the held-out images'
+    # reconstructions from their posterior means, and samples i = 0..5 of class i % 3 (noise seed 1, 3 steps)
+    judge = judges[0]
+    model, stats, vae = autoencoders.load_generator(str(trained / 'dit' / 'last.pt'))
+    held_out = data.ImageFolder(str(held_out_folder), 32)
+    x, y = torch.stack([held_out[i][0] for i in range(len(held_out))]), torch.tensor([held_out[i][1] for i in range(len(held_out))])
+    labels = torch.arange(6) % 3
+    with torch.no_grad():
+        kinds = {'real': (x, y), 'reconstructions': (vae.decode(vae.encode(x).mean), y),
+                 'samples': (autoencoders.generate(model, vae, stats, labels, range(6), 1, steps=3, cfg_scale=4.0), labels)}
+        for kind, (images, truth) in kinds.items():
+            hits = judge(images.clamp(-1, 1)).argmax(1) == truth
+            assert result[kind] == pytest.approx([hits[truth == c].float().mean().item() for c in range(3)]), kind
+            assert result[f'{kind}_mean'] == pytest.approx(sum(result[kind]) / 3), kind
     assert 'recognised as their class: samples' in capsys.readouterr().out
 
 
