@@ -30,10 +30,14 @@ def test_odd_images_become_rgb_tensors(tmp_path, capsys):
     assert ds.skipped == 1 and 'skipped 1 unreadable' in capsys.readouterr().out
     names = [p.split('/')[-1] for p, _ in ds.samples]
     assert names == ['gray.png', 'rgb.png', 'rgba.png', 'cmyk.jpg', 'sixteen.png', 'tiny.png']
+    # each file as the RGB image it shows, centre-cropped to 32 px, uint8 v -> v / 127.5 - 1
+    gray3 = np.repeat(rgb[..., :1], 3, axis=2)
+    shown = [gray3, rgb, np.full_like(rgb, 255), np.asarray(Image.open(tmp_path / 'b' / 'cmyk.jpg').convert('RGB')), gray3, rgb[:16, :16]]
     for i in range(len(ds)):
         x, label = ds[i]
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-        assert -1 <= x.min() and x.max() <= 1
+        expected = np.asarray(data.center_crop_arr(Image.fromarray(shown[i]), 32), dtype=np.float32) / 127.5 - 1
+        np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), expected, atol=1e-6, err_msg=names[i])
         assert label == (0 if i < 3 else 1)
     assert torch.allclose(ds[2][0], torch.ones(3, 32, 32))          # transparent pixels are white, not black
     gray = ds[0][0]
@@ -150,6 +154,22 @@ def test_sampler_shards_resumes_and_ignores_world_size():
     one_rank = data.ResumableSampler(n, 0, 1, seed)
     one_rank.set_epoch(3)
     assert all(dict(one_rank)[i] == sd for i, sd in seeds_two_ranks.items())
+
+
+def test_augmentation_seeds_and_flips_change_every_epoch():
+    """Each epoch gives every item a new seed (a function of seed, epoch and index), so a training image is
+    flipped (and cropped) anew each epoch: over 8 epochs each built-in image is seen both ways."""
+    sampler = data.ResumableSampler(20, 0, 1, seed=3)
+    seeds = []
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        seeds.append(dict(sampler))
+    assert all(len({s[i] for s in seeds}) == 8 for i in range(20))
+    ds = data.BuiltinShapes(16, per_class=2, flip=True)
+    plain = data.BuiltinShapes(16, per_class=2)
+    for i in range(20):
+        views = [ds[(i, s[i])][0] for s in seeds]
+        assert any(torch.equal(v, plain[i][0]) for v in views) and any(torch.equal(v, plain[i][0].flip(-1)) for v in views), i
 
 
 def test_save_grid(tmp_path):

@@ -31,23 +31,33 @@ def flags(cfg):
 
 
 def test_kill_9_during_training_then_resume_gives_the_uninterrupted_result(tmp_path):
-    cfg = tiny_config(tmp_path / 'killed', stop_epoch=40 / 625, ckpt_every=2, log_every=2)
-    proc = subprocess.Popen([sys.executable, 'train_vmae.py', *flags(cfg)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / 'killed' / 'last.pt'
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)                                    # somewhere in the middle of training (and maybe of a save)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists()
-    killed_at = fileio.read_checkpoint(str(last))['step']
+    """SIGKILL while the run is training (checked: the process dies of the signal, and its last checkpoint is
+    before the final step; a run that ended first is tried again, twice as long), then --resume: the weights
+    of the uninterrupted run."""
+    steps = 40
+    for attempt in range(3):
+        cfg = tiny_config(tmp_path / f'killed{attempt}', epochs=steps / 625, ckpt_every=2, log_every=2)  # `steps` steps
+        proc = subprocess.Popen([sys.executable, 'train_vmae.py', *flags(cfg)], cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last = tmp_path / f'killed{attempt}' / 'last.pt'
+        deadline = time.time() + 120
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)                                    # somewhere in the middle of training (and maybe of a save)
+        proc.send_signal(signal.SIGKILL)                   # nothing, if the run has ended
+        proc.wait()
+        killed_at = fileio.read_checkpoint(str(last))['step'] if last.exists() else None
+        if proc.returncode == -signal.SIGKILL and killed_at is not None and killed_at < steps:
+            break
+        steps *= 2
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before the kill'
+    assert 2 <= killed_at < steps and killed_at % 2 == 0
     resumed = script('train_vmae.py', *flags(cfg), '--resume')
     assert resumed.returncode == 0, resumed.stderr
     assert f'resumed from {last} at step {killed_at}' in resumed.stdout
-    train_vmae.main(tiny_config(tmp_path / 'straight', stop_epoch=40 / 625, ckpt_every=2, log_every=2))
-    a, b = weights(tmp_path / 'straight'), weights(tmp_path / 'killed')
+    assert fileio.read_checkpoint(str(last))['step'] == steps
+    train_vmae.main(tiny_config(tmp_path / 'straight', epochs=steps / 625, ckpt_every=2, log_every=2))
+    a, b = weights(tmp_path / 'straight'), weights(last.parent)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
+import data
 import fileio
 import train_vmae
 import vmae
@@ -75,8 +78,21 @@ def test_short_run_lowers_the_loss_and_writes_outputs(tmp_path):
     assert len(curve) == 7 and curve[-1] < 0.5 * curve[0], curve
     ckpt = fileio.read_checkpoint(str(tmp_path / 'last.pt'))
     assert ckpt['kind'] == 'vmae' and ckpt['step'] == 62 and ckpt['config']['model'] == 'VMAE-tiny'
-    assert (tmp_path / 'recon_0000062.png').exists()
-    assert vmae.load_vmae(str(tmp_path / 'last.pt')).mask_token is None     # loads as an inference model
+    model = vmae.load_vmae(str(tmp_path / 'last.pt'))
+    assert model.mask_token is None                                        # loads as an inference model
+    # the last step's picture: 8 held-out images spread over the val split above their reconstructions from the
+    # posterior means, and their PSNR in the log
+    val = data.BuiltinShapes(32, split='val')
+    originals = torch.stack([val[i][0] for i in torch.linspace(0, len(val) - 1, 8).long().tolist()])
+    with torch.no_grad():
+        recon = model.decode(model.encode(originals).mean)
+    data.save_grid(torch.cat([originals, recon]), str(tmp_path / 'expected.png'), ncol=8, row_labels=['original', 'reconstruction'], upscale=4)
+    written = np.asarray(Image.open(tmp_path / 'recon_0000062.png')).astype(int)
+    assert np.abs(written - np.asarray(Image.open(tmp_path / 'expected.png')).astype(int)).max() <= 1
+    psnr = [json.loads(line)['val_psnr'] for line in open(tmp_path / 'log.jsonl') if 'val_psnr' in line]
+    u8 = lambda x: data.to_uint8(x).numpy().astype(np.float64)
+    mse = ((u8(originals) - u8(recon)) ** 2).mean(axis=(1, 2, 3))
+    assert psnr[-1] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / mse)), rel=1e-6)
 
 
 def test_resume_is_exact(tmp_path):
@@ -87,6 +103,41 @@ def test_resume_is_exact(tmp_path):
     a, b = weights(tmp_path / 'straight'), weights(tmp_path / 'split')
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / 'straight')[-1] == losses(tmp_path / 'split')[-1]
+
+
+def test_resume_across_epochs_with_new_crops_and_flips_each_epoch(tmp_path, monkeypatch):
+    """A folder of 24 images at batch 8: 3 steps an epoch, random-resized crops and flips on. 7 steps straight ==
+    4, stop, resume, 3 more (epochs 0, 1 and 2; masking and posterior noise on): the same items in the same
+    order and the same weights. Each epoch hands every image a new augmentation seed, and so a new crop."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(folder / f'{i:02d}.png')
+    items, real_getitem = [], data.ImageFolder.__getitem__
+
+    def recording(self, item):
+        if isinstance(item, tuple):  # the training items (index, seed); the fixed validation images are plain indices
+            items.append(item)
+        return real_getitem(self, item)
+    monkeypatch.setattr(data.ImageFolder, '__getitem__', recording)
+
+    def trained_on(steps, out_dir, **overrides):  # the items of the run's steps (the loop may fetch one batch more)
+        items.clear()
+        train_vmae.main(tiny_config(out_dir, data=str(folder), batch_size=8, micro_batch_size=8, max_steps=7, warmup_steps=1,
+                                    ckpt_every=100, **overrides))
+        assert len(items) >= steps * 8
+        return items[:steps * 8]
+    straight = trained_on(7, tmp_path / 'straight')
+    split = trained_on(4, tmp_path / 'split', stop_epoch=4 / 3) + trained_on(3, tmp_path / 'split', resume=True)
+    assert split == straight
+    a, b = weights(tmp_path / 'straight'), weights(tmp_path / 'split')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [dict(straight[:24]), dict(straight[24:48])]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(24))
+    assert all(epochs[0][i] != epochs[1][i] for i in range(24))
+    augmented = data.ImageFolder(str(folder), 32, train=True)
+    assert all(not torch.equal(augmented[(i, epochs[0][i])][0], augmented[(i, epochs[1][i])][0]) for i in range(24))
 
 
 def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path):

@@ -142,6 +142,38 @@ def test_each_loss_term_switches_off(off):
     assert loss.item() == pytest.approx(loss_full.item() - expected[off].item(), rel=1e-5)
 
 
+def test_vmae_loss_by_hand_with_unequal_weights():
+    """Eq. 2 on two 16x16 images (four 8x8 patches each, row-major): the reconstruction is off by a constant
+    d on each patch, so a patch's MSE is d^2 and its mean |error| is |d|. The masked patches carry the large
+    errors and the weights differ (0.7 masked, 0.2 visible), so taking one set for the other changes every
+    number. Expected values from the d's with plain arithmetic, not from what vmae_loss returns."""
+    d = [[0.1, 0.9, 0.8, 0.2], [1.0, 0.3, -0.1, -0.7]]
+    masked = [[1, 2], [0, 3]]                                       # patch indices removed in each image
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    offsets = torch.tensor(d).view(2, 1, 2, 2).repeat_interleave(8, 2).repeat_interleave(8, 3)  # patch (r, c) -> d[b][2r + c]
+    recon = imgs + offsets
+    mask = torch.tensor([[float(n in masked[b]) for n in range(4)] for b in range(2)])
+    C, target_std = 2, 0.5
+    moments = torch.tensor([[[0.3, -1.0, -1.2, 0.4], [2.0, 0.5, -2.0, -0.3]],
+                            [[-0.7, 1.5, 0.1, -0.9], [0.0, 0.0, -1.5, 0.8]]])          # (B, N_visible, 2C): means || logvars
+    posterior = vmae.DiagonalGaussian(moments, dim=-1)
+    weights = vmae.LossWeights(mask=0.7, visible=0.2, perceptual=0.3, kl=0.01, kl_target_std=target_std)
+    loss, terms = vmae.vmae_loss(imgs, recon, mask, posterior, 8, weights, FakeLPIPS())
+
+    mse_masked = sum(d[b][n] ** 2 for b in range(2) for n in masked[b]) / 4                    # (0.81 + 0.64 + 1 + 0.49) / 4
+    mse_visible = sum(d[b][n] ** 2 for b in range(2) for n in range(4) if n not in masked[b]) / 4  # (0.01 + 0.04 + 0.09 + 0.01) / 4
+    lpips = sum(sum(abs(v) for v in d[b]) / 4 + 0.125 for b in range(2)) / 2                   # FakeLPIPS: mean |error| + 0.125
+    kl_per_token = [sum(0.5 * (math.exp(lv) / target_std ** 2 - 1 - lv + math.log(target_std ** 2)) for lv in token[C:])
+                    for image in moments.tolist() for token in image]
+    kl = sum(kl_per_token) / len(kl_per_token)                                                 # summed over channels, mean over tokens
+    assert (mse_masked, mse_visible) == (pytest.approx(0.735), pytest.approx(0.0375))
+    assert terms['mse_masked'].item() == pytest.approx(mse_masked, rel=1e-5)
+    assert terms['mse_visible'].item() == pytest.approx(mse_visible, rel=1e-5)
+    assert terms['lpips'].item() == pytest.approx(lpips, rel=1e-6)
+    assert terms['kl'].item() == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(0.7 * mse_masked + 0.2 * mse_visible + 0.3 * lpips + 0.01 * kl, rel=1e-5)
+
+
 def test_unmasked_loss_is_mse_over_all_pixels():
     model = tiny(32)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -250,12 +282,20 @@ def test_wrong_files_give_clear_errors(tmp_path):
 
 
 def test_checkpoints_never_run_code(tmp_path):
+    """A pickle whose loading would create a file: refused, and the file was never made (by the plain reader
+    or by load_vmae, whose file looks like a VMAE checkpoint)."""
+    marker = tmp_path / 'ran'
+
     class Evil:
         def __reduce__(self):
-            return (print, ('pwned',))
+            return (open, (str(marker), 'w'))
     torch.save({'model': Evil()}, tmp_path / 'evil.pt')
+    torch.save({'kind': 'vmae', 'version': 1, 'model_args': {}, 'model': {'to_latent.weight': Evil()}}, tmp_path / 'evil_vmae.pt')
     with pytest.raises(ValueError, match='read safely'):
         fileio.read_checkpoint(str(tmp_path / 'evil.pt'))
+    with pytest.raises(ValueError, match='read safely'):
+        vmae.load_vmae(str(tmp_path / 'evil_vmae.pt'))
+    assert not marker.exists()
 
 
 def test_lpips_without_vgg_weights_explains_what_to_do(monkeypatch):
