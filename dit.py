@@ -34,7 +34,7 @@ def modulate(x, shift, scale):
 
 
 #################################################################################
-#               Embedding Layers for Timesteps and Class Labels                 #
+#          Embedding Layers for Latent Patches, Timesteps and Labels            #
 #################################################################################
 
 class TimestepEmbedder(nn.Module):
@@ -85,9 +85,19 @@ class LabelEmbedder(nn.Module):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
 
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) tokens, one per p x p patch, in row-major order."""
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        # contiguous: the conv's output is (N, D, T) in memory, a layout every later op would inherit
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+
 
 #################################################################################
-#                               Transformer Layers                              #
+#                     Attention and MLP: the Parts of a Block                   #
 #################################################################################
 
 class RMSNorm(nn.Module):
@@ -121,8 +131,8 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
-class MLP(nn.Module):
-    """DiT's MLP: fc2(GELU(fc1(x))) with the tanh-approximated GELU."""
+class Mlp(nn.Module):
+    """DiT's MLP: fc2(GELU(fc1(x))) with the tanh-approximated GELU (the VMAE's Mlp uses the exact one)."""
     def __init__(self, dim, hidden_dim):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
@@ -183,17 +193,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, T, D))   # (N, T, D)
 
 
-class PatchEmbed(nn.Module):
-    """(N, C, H, W) -> (N, T, D) tokens, one per p x p patch, in row-major order."""
-    def __init__(self, patch_size, in_channels, hidden_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        # contiguous: the conv's output is (N, D, T) in memory, a layout every later op would inherit
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
-
-
 #################################################################################
 #                                 Core DiT Model                                #
 #################################################################################
@@ -207,7 +206,7 @@ class DiTBlock(nn.Module):
         self.norm2 = block_norm(hidden_size, use_rmsnorm)
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         # SwiGLU keeps the MLP's parameter count with 2/3 of its width (2048 for DiT-B)
-        self.mlp = SwiGLU(hidden_size, int(2 / 3 * mlp_hidden_dim)) if use_swiglu else MLP(hidden_size, mlp_hidden_dim)
+        self.mlp = SwiGLU(hidden_size, int(2 / 3 * mlp_hidden_dim)) if use_swiglu else Mlp(hidden_size, mlp_hidden_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, rope=None):
@@ -257,7 +256,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # a fixed sin-cos table, added even with RoPE as the authors do; a buffer since it is never trained
-        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(hidden_size, grid_size).float().unsqueeze(0))
+        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(hidden_size, grid_size))
         self.feat_rope = RotaryEmbedding2D(hidden_size // num_heads, grid_size) if use_rope else None
         self.blocks = nn.ModuleList([
             DiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm) for _ in range(depth)
@@ -323,7 +322,52 @@ class DiT(nn.Module):
 
 
 #################################################################################
-#                        Flow Objective and Euler Sampler                       #
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_2d_sincos_pos_embed(dim, grid):
+    """(1, grid*grid, dim) float32 table for a row-major grid, MAE convention (as vmae.py's): the first dim/2
+    channels encode the column, the last dim/2 the row; each half is dim/4 sines then dim/4 cosines of
+    pos * 10000^(-k/(dim/4)), computed in float64."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing='ij')                          # (g, g) each
+    angles = [p.flatten()[:, None] * omega[None] for p in (cols, rows)]           # (g*g, dim/4) each
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float().unsqueeze(0)
+
+
+#################################################################################
+#                                  DiT Configs                                  #
+#################################################################################
+
+def DiT_XL_1(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=1, num_heads=16, **kwargs)
+def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
+def DiT_L_1(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=1, num_heads=16, **kwargs)
+def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
+def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
+def DiT_B_1(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=1, num_heads=12, **kwargs)
+def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
+def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
+def DiT_S_1(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=1, num_heads=6, **kwargs)
+def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
+def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
+# tiny (1.4M parameters at 16 channels): for tests and CPU demos
+def DiT_T_1(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=1, num_heads=2, **kwargs)
+def DiT_T_2(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=2, num_heads=2, **kwargs)
+
+
+DiT_models = {
+    'DiT-XL/1': DiT_XL_1, 'DiT-XL/2': DiT_XL_2, 'DiT-XL/4': DiT_XL_4,
+    'DiT-L/1':  DiT_L_1,  'DiT-L/2':  DiT_L_2,  'DiT-L/4':  DiT_L_4,
+    'DiT-B/1':  DiT_B_1,  'DiT-B/2':  DiT_B_2,  'DiT-B/4':  DiT_B_4,
+    'DiT-S/1':  DiT_S_1,  'DiT-S/2':  DiT_S_2,  'DiT-S/4':  DiT_S_4,
+    'DiT-T/1':  DiT_T_1,  'DiT-T/2':  DiT_T_2,
+}
+
+
+#################################################################################
+#                  Flow Objective and Euler / Heun Sampler                      #
 #################################################################################
 
 def flow_loss(model, x1, y):
@@ -392,20 +436,24 @@ def flow_sample(model, z, y, steps=250, solver='euler', shift=0.3, cfg_scale=1.0
     if null_label is None:
         null_label = getattr(model, 'null_label', None)
 
-    def velocity(x, t, guided):
-        return guided_velocity(model, x, t.expand(x.shape[0]), y, cfg_scale if guided else 1.0, null_label, 0.0, cfg_channels)
+    def velocity(x, t, scale):
+        return guided_velocity(model, x, t.expand(x.shape[0]), y, cfg_scale=scale, null_label=null_label, cfg_channels=cfg_channels)
 
-    t_grid = timestep_grid(steps, shift, heun_knot(solver, cfg_scale, cfg_interval_start)).to(z.device)
+    t_grid = timestep_grid(steps, shift, knot=heun_knot(solver, cfg_scale, cfg_interval_start)).to(z.device)
     step_pairs = zip(t_grid[:-1], t_grid[1:])
     if progress:
         from tqdm import tqdm
         step_pairs = tqdm(step_pairs, total=len(t_grid) - 1)
     x = z
     for t_cur, t_next in step_pairs:
-        guided = bool(t_cur >= cfg_interval_start)
-        v = velocity(x, t_cur, guided)
-        x_euler = x + (t_next - t_cur) * v
-        x = x_euler if solver == 'euler' else x + (t_next - t_cur) * (v + velocity(x_euler, t_next, guided)) / 2
+        scale = cfg_scale if t_cur >= cfg_interval_start else 1.0  # no guidance near the noise end
+        dt = t_next - t_cur
+        v = velocity(x, t_cur, scale)
+        if solver == 'euler':
+            x = x + dt * v
+        else:  # heun: the mean of the slopes at both ends, the right one taken at the Euler prediction
+            x_euler = x + dt * v
+            x = x + dt * (v + velocity(x_euler, t_next, scale)) / 2
     return x
 
 
@@ -480,51 +528,6 @@ def read_latent_stats(path):
         raise ValueError(f"'{path}' holds no latent statistics: expected a train_dit.py checkpoint or latents/meta.json, "
                          f"or the authors' latents_stats.pt (a dict with 'mean' and 'std')")
     return {k: torch.as_tensor(stats[k], dtype=torch.float32).flatten() for k in ('mean', 'std')}
-
-
-#################################################################################
-#                   Sine/Cosine Positional Embedding Functions                  #
-#################################################################################
-
-def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """(grid_size ** 2, embed_dim) table for a row-major grid (MAE convention): the first half of the dims
-    encodes the column index, the second half the row index, each as [sin(pos w_k), cos(pos w_k)] with
-    w_k = 10000^(-k / (embed_dim / 4))."""
-    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(pos, pos, indexing='ij')                          # (g, g) each
-    angles = [p.flatten()[:, None] * omega[None] for p in (cols, rows)]           # (g*g, D/4) each
-    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
-
-
-#################################################################################
-#                                  DiT Configs                                  #
-#################################################################################
-
-def DiT_XL_1(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=1, num_heads=16, **kwargs)
-def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-def DiT_L_1(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=1, num_heads=16, **kwargs)
-def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-def DiT_B_1(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=1, num_heads=12, **kwargs)
-def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-def DiT_S_1(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=1, num_heads=6, **kwargs)
-def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-# tiny (1.4M parameters at 16 channels): for tests and CPU demos
-def DiT_T_1(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=1, num_heads=2, **kwargs)
-def DiT_T_2(**kwargs): return DiT(depth=4, hidden_size=128, patch_size=2, num_heads=2, **kwargs)
-
-
-DiT_models = {
-    'DiT-XL/1': DiT_XL_1, 'DiT-XL/2': DiT_XL_2, 'DiT-XL/4': DiT_XL_4,
-    'DiT-L/1':  DiT_L_1,  'DiT-L/2':  DiT_L_2,  'DiT-L/4':  DiT_L_4,
-    'DiT-B/1':  DiT_B_1,  'DiT-B/2':  DiT_B_2,  'DiT-B/4':  DiT_B_4,
-    'DiT-S/1':  DiT_S_1,  'DiT-S/2':  DiT_S_2,  'DiT-S/4':  DiT_S_4,
-    'DiT-T/1':  DiT_T_1,  'DiT-T/2':  DiT_T_2,
-}
 
 
 #################################################################################
