@@ -73,7 +73,7 @@ def load_generator(dit_path, autoencoder_path='', latent_stats='', weights='ema'
         print0(f"note: decoding with {autoencoder_path}, not the autoencoder this DiT was trained on ({config.get('autoencoder')}): "
                f"right for a decoder fine-tuned with the encoder frozen, wrong otherwise")
     autoencoder = load_autoencoder(path, device, img_size=config.get('image_size'))
-    shape = (model.in_channels, model.model_args['input_size'], model.model_args['input_size'])
+    shape = (model.in_channels, model.args['input_size'], model.args['input_size'])
     if (autoencoder.latent_dim, autoencoder.grid, autoencoder.grid) != shape:
         raise ValueError(f"the autoencoder {path} makes latents of shape ({autoencoder.latent_dim}, {autoencoder.grid}, "
                          f"{autoencoder.grid}) but the DiT {dit_path} models {shape}: pass the one the DiT was trained on")
@@ -85,7 +85,7 @@ def generate(model, autoencoder, stats, labels, indices, seed=0, progress=False,
     """Images (B, 3, H, W) in [-1, 1] for these labels: dit.flow_sample(**sampler: steps, solver, shift,
     guidance) then the decoder. Sample i's noise comes from (seed, i) alone, so the result depends on
     neither the batch size nor the number of GPUs."""
-    size = model.model_args['input_size']
+    size = model.args['input_size']
     device = stats['mean'].device
     z = seeded_noise(seed, indices, (model.in_channels, size, size)).to(device)
     latents = dit.flow_sample(model, z, torch.as_tensor(labels, device=device), progress=progress, **sampler)

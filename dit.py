@@ -241,7 +241,7 @@ class DiT(nn.Module):
                  use_qknorm=True, use_swiglu=True, use_rmsnorm=True, use_rope=True):
         super().__init__()
         # everything needed to rebuild this model; stored in our checkpoints (see dit_checkpoint)
-        self.model_args = dict(
+        self.args = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, use_qknorm=use_qknorm, use_swiglu=use_swiglu, use_rmsnorm=use_rmsnorm,
@@ -541,12 +541,12 @@ def dit_checkpoint(model, ema, latent_stats=None, **extra):
     """The checkpoint dict train_dit.py saves and load_dit reads:
         kind          'dit'
         version       CHECKPOINT_VERSION
-        model_args    the full DiT constructor kwargs (model.model_args): DiT(**model_args) rebuilds it
+        model_args    the full DiT constructor kwargs (model.args): DiT(**model_args) rebuilds it
         model, ema    state dicts of the trained weights and of their EMA (sampling uses the EMA)
         latent_stats  {'mean': (C,), 'std': (C,)} that standardised the training latents, or None
         **extra       anything else the trainer keeps (optimizer state, step, config, ...)
     model and ema must be the unwrapped DiT modules (not DDP or torch.compile wrappers)."""
-    return {'kind': 'dit', 'version': CHECKPOINT_VERSION, 'model_args': dict(model.model_args),
+    return {'kind': 'dit', 'version': CHECKPOINT_VERSION, 'model_args': dict(model.args),
             'model': model.state_dict(), 'ema': ema.state_dict(), 'latent_stats': latent_stats, **extra}
 
 

@@ -463,7 +463,7 @@ def run_solvers(cfg, d):
     model, stats, autoencoder = load_generator(cfg.dit, cfg.autoencoder, cfg.latent_stats, 'ema', d.device)
     guidance = dict(cfg_scale=dit.guidance_scale(model, cfg.cfg_scale), cfg_interval_start=cfg.cfg_interval_start,
                     cfg_channels=cfg.cfg_channels or None, shift=cfg.shift)
-    size = model.model_args['input_size']
+    size = model.args['input_size']
     noise = seeded_noise(cfg.seed, range(cfg.num_samples), (model.in_channels, size, size)).to(d.device)
     labels = [i % model.num_classes for i in range(cfg.num_samples)]
     builtin = model.meta.get('classes') == [name for name, _, _ in BUILTIN_CLASSES]  # the shape check knows only these

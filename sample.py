@@ -114,19 +114,32 @@ def check_classes(model, classes):
     return classes
 
 
-@torch.no_grad()
 def sampler_settings(args):
     """The flags that set dit.flow_sample: steps, solver, time shift and guidance."""
     return dict(steps=args.steps, solver=args.solver, shift=args.shift, cfg_scale=args.cfg_scale,
                 cfg_interval_start=args.cfg_interval_start, cfg_channels=args.cfg_channels or None)
 
 
+@torch.no_grad()
+def generate(model, autoencoder, stats, labels, indices, seed, sampler, progress=False):
+    """Images (B, 3, H, W) in [-1, 1] for these labels: the whole sampling path. Sample i's noise comes from
+    (seed, i) alone, so an image depends on neither the batch size nor the number of GPUs."""
+    device = stats['mean'].device
+    size = model.args['input_size']
+    z = common.seeded_noise(seed, indices, (model.in_channels, size, size)).to(device)      # noise (B, C, h, w)
+    y = torch.as_tensor(labels, device=device)
+    latents = dit.flow_sample(model, z, y, progress=progress, **sampler)     # integrate the flow: noise -> standardised latents
+    latents = dit.destandardise(latents, stats)                              # x * std + mean: the autoencoder's latent scale
+    return autoencoder.decode(latents)                                       # (B, 3, H, W)
+
+
 def write_grid(model, vae, stats, classes, args, out):
     labels_wanted = check_classes(model, args.classes)
     labels = [c for c in labels_wanted for _ in range(args.n)]
     t0 = time.time()
-    images = torch.cat([autoencoders.generate(model, vae, stats, labels[i:i + args.batch_size], range(i, min(len(labels), i + args.batch_size)),
-                                              args.seed, progress=True, **sampler_settings(args)) for i in range(0, len(labels), args.batch_size)])
+    batches = [range(i, min(len(labels), i + args.batch_size)) for i in range(0, len(labels), args.batch_size)]
+    images = torch.cat([generate(model, vae, stats, [labels[i] for i in rows], rows, args.seed, sampler_settings(args), progress=True)
+                        for rows in batches])
     names = [classes[c] if classes else f'class {c}' for c in labels_wanted] if model.num_classes > 1 else None
     data.save_grid(images, out, ncol=args.n, row_labels=names, upscale=max(1, 128 // images.shape[-1]))
     print(f"wrote {out} ({len(labels)} samples, {(time.time() - t0) / len(labels):.2f} s per image, cfg {args.cfg_scale}, {args.solver} {args.steps} steps)")
@@ -145,8 +158,8 @@ def write_fid_samples(model, vae, stats, args, out, dist):
     common.print0(f"sampling {n} images into {out} ({int((~store.done).sum())} left)")
     for rows in tqdm(batches, disable=not dist.master, desc='sampling'):
         labels = [i % model.num_classes for i in rows]
-        images = autoencoders.generate(model, vae, stats, labels, rows, args.seed, **sampler_settings(args))
-        store.write(rows, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))
+        images = generate(model, vae, stats, labels, rows, args.seed, sampler_settings(args))
+        store.write(rows, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))   # uint8 (B, H, W, 3)
     if store.finish():
         with fileio.atomic_write(out) as f:  # a file object: np.savez adds no '.npz' to the name
             np.savez(f, arr_0=store.arrays['images'], arr_1=store.arrays['labels'])

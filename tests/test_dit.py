@@ -29,7 +29,7 @@ def randomised(model, seed=0):
 
 def inputs(model, n=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    size = model.model_args['input_size']
+    size = model.args['input_size']
     x = torch.randn(n, model.in_channels, size, size, generator=gen)
     return x, torch.rand(n, generator=gen), torch.randint(0, model.num_classes, (n,), generator=gen)
 
@@ -463,7 +463,7 @@ def test_official_checkpoint_loads_strictly(tmp_path):
     direct.load_state_dict(state_dict, strict=True)
     # same constructor arguments (heads included, which no shape shows) and the same weights give the
     # same output; a B/1 forward costs seconds on CPU, so the outputs are compared on a small model below
-    assert model.model_args == direct.model_args
+    assert model.args == direct.args
     loaded = model.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in direct.state_dict().items())
 
@@ -474,7 +474,7 @@ def test_official_format_output_matches_direct_load(tmp_path):
     path = tmp_path / 'small_official.pt'
     torch.save({'ema': original.state_dict(), 'model': {}, 'config': {'seed': 0}}, path)
     model = load_dit(str(path))
-    assert model.model_args == original.model_args
+    assert model.args == original.args
     x, t, y = inputs(original)
     assert torch.equal(model(x, t, y), original(x, t, y))
 
@@ -488,7 +488,7 @@ def test_official_format_output_matches_direct_load(tmp_path):
 def test_infer_model_args_round_trip(flags):
     # without QK-norm and RoPE the head dim cannot be read and is taken as 64, as here
     model = tiny_dit(**{**dict(hidden_size=128), **flags})
-    assert infer_model_args(model.state_dict()) == model.model_args
+    assert infer_model_args(model.state_dict()) == model.args
 
 
 def test_own_checkpoint_round_trip(tmp_path):
@@ -498,7 +498,7 @@ def test_own_checkpoint_round_trip(tmp_path):
     path = tmp_path / 'ckpt.pt'
     torch.save(dit_checkpoint(model, ema, stats, step=7, opt=opt.state_dict(), config={'lr': 2e-4}), path)
     loaded = load_dit(str(path))
-    assert not loaded.training and loaded.model_args == ema.model_args
+    assert not loaded.training and loaded.args == ema.args
     torch.testing.assert_close(loaded.latent_stats, stats, rtol=0, atol=0)
     x, t, y = inputs(ema)
     assert torch.equal(loaded(x, t, y), ema(x, t, y))

@@ -68,8 +68,8 @@ def test_fid_npz_is_exact_balanced_and_independent_of_batching(trained, tmp_path
     args = sample.parse_args(['--dit', ckpt, '--steps', '3'])
     model, stats, vae, _ = sample.load_models(args, torch.device('cpu'))
     settings = sample.sampler_settings(args)
-    alone = autoencoders.generate(model, vae, stats, [0], [3], args.seed, **settings)
-    batch = autoencoders.generate(model, vae, stats, [0, 1, 2, 0], [0, 1, 2, 3], args.seed, **settings)
+    alone = sample.generate(model, vae, stats, [0], [3], args.seed, settings)
+    batch = sample.generate(model, vae, stats, [0, 1, 2, 0], [0, 1, 2, 3], args.seed, settings)
     torch.testing.assert_close(alone[0], batch[3], rtol=0, atol=1e-4)
     assert same_up_to_rounding(data.to_uint8(alone)[0].numpy(), a['arr_0'][3])
 
@@ -136,7 +136,7 @@ def test_unconditional_dit_samples_without_guidance_by_default(trained, tmp_path
     run_sample('--dit', ckpt, '--n', '2', '--steps', '3', '--out', str(tmp_path / 'u.png'))
     # two samples of the one class, unguided (scale 1), in one unlabelled row
     model, stats, vae = autoencoders.load_generator(ckpt)
-    images = autoencoders.generate(model, vae, stats, [0, 0], [0, 1], 0, steps=3, cfg_scale=1.0)
+    images = sample.generate(model, vae, stats, [0, 0], [0, 1], 0, dict(steps=3, cfg_scale=1.0))
     data.save_grid(images, str(tmp_path / 'expected.png'), ncol=2, upscale=4)
     assert np.abs(grid(tmp_path / 'u.png').astype(int) - grid(tmp_path / 'expected.png').astype(int)).max() <= 1
     result = cli('--dit', ckpt, '--cfg-scale', '4', '--steps', '2', '--out', str(tmp_path / 'x.png'))
@@ -174,7 +174,7 @@ def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tm
     labels = torch.arange(6) % 3
     with torch.no_grad():
         kinds = {'real': (x, y), 'reconstructions': (vae.decode(vae.encode(x).mean), y),
-                 'samples': (autoencoders.generate(model, vae, stats, labels, range(6), 1, steps=3, cfg_scale=4.0), labels)}
+                 'samples': (sample.generate(model, vae, stats, labels, range(6), 1, dict(steps=3, cfg_scale=4.0)), labels)}
         for kind, (images, truth) in kinds.items():
             hits = judge(images.clamp(-1, 1)).argmax(1) == truth
             assert result[kind] == pytest.approx([hits[truth == c].float().mean().item() for c in range(3)]), kind
