@@ -510,22 +510,59 @@ def test_cli_errors(tmp_path, capsys, inception_file, vmae_file):
     result = run_cli('recon', '--vmae', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')  # a real process: one line, exit 2
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
 
-def test_cli_fid_command_and_flag_spellings(tmp_path, inception_file, capsys):
-    """`evaluate.py fid` with the documented snake_case flags gives what the old command-less form with
-    kebab flags gives; --no_cache writes no sidecar; a command without a required flag says which."""
-    np.savez(tmp_path / 'ref.npz', random_images(4, 16, seed=2))
-    np.savez(tmp_path / 'samples.npz', random_images(5, 16, seed=3))
+class NarrowInception(FakeInception):
+    """FakeInception with narrow outputs (pool 6, logits 5, spatial 4): the metrics of a few dozen images are
+    then well defined, and cheap, where 2048-d covariances of 9 images take a minute of sqrtm."""
+    widths = {'pool': 6, 'logits': 5, 'spatial': 4}
+
+    def __init__(self):
+        super().__init__()
+        self.proj = self.proj[:, :sum(self.widths.values())]
+
+    def forward(self, x):
+        self.calls += 1
+        return (F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj).split(list(self.widths.values()), dim=1)
+
+
+def test_cli_fid_command(tmp_path, inception_file, capsys, monkeypatch):
+    """`evaluate.py fid REF SAMPLES` with its documented flags, end to end through the command line's path
+    (the Inception given by --inception, narrow features): its JSON holds FID, sFID, IS, precision and recall
+    as computed here independently from the features; --no_cache writes no sidecar; a command without a
+    required flag says which."""
+    monkeypatch.setattr(adm, 'FEATURE_DIMS', NarrowInception.widths)
+    loaded = []
+
+    def load_narrow(path, device='cpu', allow_random=False):
+        loaded.append((path, allow_random))
+        return NarrowInception()
+    monkeypatch.setattr(evaluate, 'load_inception', load_narrow)
+    ref_images, sample_images = random_images(20, 16, seed=2), random_images(24, 16, seed=3)
+    np.savez(tmp_path / 'ref.npz', ref_images)
+    np.savez(tmp_path / 'samples.npz', sample_images)
     ref, samples = str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz')
     evaluate.main(['fid', ref, samples, '--inception', inception_file, '--allow_random_inception', '--device', 'cpu',
-                   '--batch_size', '3', '--no_cache', '--out', str(tmp_path / 'new.json')])
-    assert not os.path.exists(samples + '.inception_stats.npz')
-    evaluate.main(['--device', 'cpu', ref, samples, '--inception', inception_file, '--allow-random-inception',
-                   '--batch-size', '3', '--no-cache', '--out', str(tmp_path / 'old.json')])
-    new, old = json.loads((tmp_path / 'new.json').read_text()), json.loads((tmp_path / 'old.json').read_text())
-    for name in ('FID', 'sFID', 'IS', 'precision', 'recall'):
-        assert new[name] == old[name]
-    assert new['config']['cache'] is False and new['config']['batch_size'] == 3
-    capsys.readouterr()  # the runs' progress bars
+                   '--batch_size', '7', '--no_cache', '--pr_fp32', '--out', str(tmp_path / 'metrics.json')])
+    assert loaded == [(inception_file, True)]
+    assert not os.path.exists(samples + '.inception_stats.npz') and not os.path.exists(ref + '.inception_stats.npz')
+    results = json.loads((tmp_path / 'metrics.json').read_text())
+    with torch.no_grad():
+        (ref_pool, _, ref_spatial), (pool, logits, spatial) = (
+            [f.double().numpy() for f in NarrowInception()(torch.from_numpy(images).permute(0, 3, 1, 2))] for images in (ref_images, sample_images))
+
+    def fid(a, b):  # closed form on the features' statistics, the trace term by eigenvalues (not sqrtm)
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        return ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    inception_score = np.exp((p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1).mean())
+    assert results['FID'] == pytest.approx(fid(pool, ref_pool), rel=1e-6)
+    assert results['sFID'] == pytest.approx(fid(spatial, ref_spatial), rel=1e-6)
+    assert results['IS'] == pytest.approx(inception_score, rel=1e-5)
+    assert (results['precision'], results['recall']) == pytest.approx(brute_force_pr(ref_pool, pool), abs=1e-12)
+    assert 0 < results['precision'] < 1 and 0 < results['recall'] < 1 and results['FID'] > 0.01   # no degenerate case
+    assert (results['n_ref'], results['n_samples']) == (20, 24) and results['pr_distances'] == 'fp32'  # fp16 distances round near-ties
+    assert results['config']['cache'] is False and results['config']['batch_size'] == 7
+    capsys.readouterr()  # the run's progress bars
     assert '--autoencoder' in cli_error(capsys, 'recon', '--data', 'builtin')
     assert '--masks' in cli_error(capsys, 'compression', '--vmae', str(tmp_path / 'vmae.pt'), '--data', str(tmp_path))
 
@@ -660,7 +697,14 @@ def test_compression_end_to_end(tmp_path, vmae_file):
     pairs = lambda masks: analyses.masked_images(str(tmp_path / 'images'), analyses.SegmentationMasks(str(tmp_path / masks)), 32)
     results = analyses.evaluate_compression(models, pairs('masks'), 'cpu')
     assert results['n_images'] == 3 and results['pixel']['sigma2'] == pytest.approx(0, abs=1e-9)
-    assert 0 <= results['vmae']['sigma2'] <= 1 and results['vmae']['n_rho'] == 3
+    # the VMAE's tokens (posterior means, row-major) against each 8x8 patch's label: quadrants 2 | 1 over 3 | 1 (row-major)
+    with torch.no_grad():
+        tokens = [models['vmae'].encode(torch.from_numpy(np.array(Image.open(tmp_path / 'images' / f'img{i}.png'))).permute(2, 0, 1)[None]
+                                        .float() / 127.5 - 1).mean[0].flatten(1).T.numpy() for i in range(3)]
+    patch_labels = [np.array([2, 2, 1, 1, 2, 2, 1, 1, 3, 3, 1, 1, 3, 3, 1, 1])] * 3
+    expected = analyses.compression_statistics(tokens, patch_labels)
+    assert [results['vmae'][k] for k in ('sigma2', 'rho')] == pytest.approx([expected['sigma2'], expected['rho']], rel=1e-5)
+    assert results['vmae']['n_rho'] == 3 and results['pixel']['rho'] > 1
     os.rename(tmp_path / 'masks' / 'img0.png', tmp_path / 'masks' / 'other.png')
     assert analyses.evaluate_compression(models, pairs('masks'), 'cpu')['n_images'] == 2  # images without a mask are left out
     os.makedirs(tmp_path / 'unrelated')

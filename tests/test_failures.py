@@ -26,6 +26,18 @@ def script(*args, timeout=300):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def scripts_at_once(*commands, timeout=300):
+    """script() for several command lines, run side by side (each pays its own Python and torch start-up)."""
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            p.kill()  # a no-op for those that finished
+
+
 def flags(cfg):
     return [f'--{k}={v}' for k, v in vars(cfg).items() if k != 'resume']
 
@@ -106,8 +118,9 @@ def test_a_wrong_checkpoint_given_to_each_script(tmp_path):
         'evaluate smoothness --autoencoder': (['evaluate.py', 'smoothness', '--autoencoder', str(tmp_path / 'dit.pt'), '--data', 'builtin'],
                                               "is not an autoencoder checkpoint"),
     }
-    for name, (args, message) in cases.items():
-        assert message in one_line_error(script(*args)), name
+    results = scripts_at_once(*(args for args, _ in cases.values()))
+    for (name, (_, message)), result in zip(cases.items(), results):
+        assert message in one_line_error(result), name
 
 
 def test_resume_refuses_a_checkpoint_of_the_other_stage(tmp_path):

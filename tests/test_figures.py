@@ -15,6 +15,7 @@ import analyses
 import convae
 import data
 import evaluate
+import metrics
 import vmae
 
 
@@ -89,14 +90,31 @@ def test_every_figure_for_two_autoencoders(two_autoencoders, tmp_path, capsys):
     table = capsys.readouterr().out
     assert 'vmae' in table and 'conv' in table and '9x9 thumbnail' in table
     recon = json.load(open(out('recon')))['autoencoders']
-    assert list(recon) == ['vmae', 'conv'] and all(0 < r['psnr'] < 60 for r in recon.values())
+    assert list(recon) == ['vmae', 'conv']
+    models = {'vmae': vmae.load_vmae(aes[0]), 'conv': convae.load_convae(aes[1])}
+    val = data.BuiltinShapes(32, split='val')
+    x = torch.stack([val[i][0] for i in range(8)])
+    with torch.no_grad():
+        for name, model in models.items():  # each from its posterior means, on the first 8 held-out images
+            reconstructed = data.to_uint8(model.decode(model.encode(x).mean)).numpy()
+            assert recon[name]['psnr'] == pytest.approx(metrics.psnr_per_image(reconstructed, data.to_uint8(x).numpy()).mean(), rel=1e-6), name
     evaluate.main(['smoothness', *common, *offline, '--eps', '0', '0.5', '--out', out('smoothness')])
     smooth = json.load(open(out('smoothness')))['autoencoders']
     assert 'posterior samples' in smooth['vmae']['latent_std_source'] and 'posterior means' in smooth['conv']['latent_std_source']
     evaluate.main(['compression', *common, '--masks', 'builtin', '--out', out('compression')])
     compression = json.load(open(out('compression')))
     assert compression['n_images'] == 8 and set(compression['autoencoders']) == {'vmae', 'conv'}
-    assert 0 < compression['pixel']['sigma2'] < 1 and compression['pixel']['rho'] > 1  # raw pixels tell a shape from its background
+    # sigma^2 and rho of the tokens (posterior means, row-major) and of the raw 8x8 pixel patches, each token labelled
+    # by the majority of the exact mask under it (1 background, 2 the shape)
+    labels = [analyses.patch_labels(val.image_and_mask(i)[1], 8) for i in range(8)]
+    with torch.no_grad():
+        tokens = {name: [t.T.numpy() for t in model.encode(x).mean.flatten(2)] for name, model in models.items()}
+    tokens['pixel'] = list(vmae.patchify((x + 1) / 2, 8).numpy())
+    for name, features in tokens.items():
+        expected = analyses.compression_statistics(features, labels)
+        row = compression['pixel'] if name == 'pixel' else compression['autoencoders'][name]
+        assert [row[k] for k in ('sigma2', 'rho', 'n_rho')] == pytest.approx([expected[k] for k in ('sigma2', 'rho', 'n_rho')], rel=1e-4), name
+    assert compression['pixel']['rho'] > 1  # raw pixels tell a shape from its background
     evaluate.main(['kmeans', *common, '--images', '0', '5', '--ks', '2', '4', '--out', out('kmeans')])
     maps = json.load(open(out('kmeans')))['autoencoders']
     assert [len(maps['conv']), len(maps['conv'][0]), len(maps['conv'][0][1])] == [2, 2, 16] and max(maps['vmae'][1][1]) <= 3
@@ -146,5 +164,17 @@ def test_the_study_wires_every_figure_and_states_the_orderings(two_autoencoders,
     assert all(f'\n{name} ' in report for name in ckpts)
     verdicts = [line for line in report.splitlines() if line.strip().startswith(('holds:', 'does not hold:'))]
     assert len(verdicts) == 9
+    # each analysis ran on the five: its JSON (and the figure beside it) holds them, and the report's table and
+    # verdicts are those of the JSONs
+    results = {name: json.load(open(tmp_path / f'{name}.json')) for name in ('recon', 'smoothness', 'compression', 'projection', 'kmeans', 'radar')}
+    for name in ('recon', 'smoothness', 'compression', 'projection', 'kmeans'):
+        assert list(results[name]['autoencoders']) == list(ckpts), name
+    assert list(results['radar']['scores']['PSNR']) == list(ckpts)
     for name in ('smoothness', 'compression', 'projection', 'kmeans', 'radar'):
-        assert (tmp_path / f'{name}.png').exists()
+        assert Image.open(tmp_path / f'{name}.png').size[0] > 100, name
+    rows = results['recon']['autoencoders']
+    for name, r in rows.items():
+        c = results['compression']['autoencoders'][name]
+        assert f"{name:8}{r['psnr']:8.2f}{r['ssim']:8.3f}{results['radar']['scores']['smoothness'][name]:9.2f}{c['sigma2']:9.3f}{c['rho']:7.3f}" in report
+    expected = study.paper_orderings(rows, results['smoothness'], results['compression'], results['radar'])
+    assert [line.split(':', 1)[0].strip() for line in verdicts] == ['holds' if holds else 'does not hold' for _, holds in expected]

@@ -105,6 +105,18 @@ def cli(*flags):
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
+def cli_at_once(*command_lines, timeout=300):
+    """cli() for several command lines, run side by side (each pays its own Python and torch start-up)."""
+    procs = [subprocess.Popen([sys.executable, 'sample.py', *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}) for flags in command_lines]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            p.kill()  # a no-op for those that finished
+
+
 def test_bad_input_is_one_clear_line(trained, tmp_path):
     ckpt = str(trained / 'dit' / 'last.pt')
     other = vmae.VMAE(img_size=32, embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=64, decoder_depth=1,
@@ -120,8 +132,8 @@ def test_bad_input_is_one_clear_line(trained, tmp_path):
              (['--dit', ckpt, '--class', '0', '--out', str(tmp_path / 'grid')], 'grid must end in .png or .jpg or .jpeg'),
              (['--dit', ckpt, '--class', '0', '--out', str(tmp_path)], 'is a folder: give a file name inside it'),
              (['--dit', ckpt, '--class', '0', '--out', str(tmp_path / 'vmae8.pt' / 'x.png')], 'vmae8.pt is a file, not a folder')]
-    for flags, message in cases:
-        result = cli(*flags, '--steps', '2', *([] if '--out' in flags else ['--out', str(tmp_path / 'x.png')]))
+    results = cli_at_once(*([*flags, '--steps', '2', *([] if '--out' in flags else ['--out', str(tmp_path / 'x.png')])] for flags, _ in cases))
+    for (flags, message), result in zip(cases, results):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
@@ -155,8 +167,13 @@ def test_solver_study_cli(trained, tmp_path):
 
 
 def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tmp_path, capsys, monkeypatch):
-    judges, train_judge = [], analyses.train_classifier
-    monkeypatch.setattr(analyses, 'train_classifier', lambda *args, **kwargs: judges.append(train_judge(*args, **kwargs)) or judges[-1])
+    judges, judged, train_judge = [], [], analyses.train_classifier
+
+    def kept_judge(*args, **kwargs):  # the judge kept for the checks below, with what it is shown; 200 steps (not 1000) learn brightness
+        judges.append(train_judge(*args, **{**kwargs, 'steps': 200}))
+        judges[-1].register_forward_pre_hook(lambda module, inputs: judged.append(inputs[0].detach().clone()))
+        return judges[-1]
+    monkeypatch.setattr(analyses, 'train_classifier', kept_judge)
     held_out_folder = make_images_and_vmae(tmp_path / 'held_out', per_class=4, seed=1) / 'images'   # other images, same classes
     out = tmp_path / 'recognition.json'
     evaluate.main(['recognition', '--dit', str(trained / 'dit' / 'last.pt'), '--data', str(trained / 'images'),
@@ -175,7 +192,9 @@ def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tm
     with torch.no_grad():
         kinds = {'real': (x, y), 'reconstructions': (vae.decode(vae.encode(x).mean), y),
                  'samples': (sample.generate(model, vae, stats, labels, range(6), 1, dict(steps=3, cfg_scale=4.0)), labels)}
+        shown = list(judged)
         for kind, (images, truth) in kinds.items():
+            assert any(s.shape == images.shape and torch.allclose(s, images.clamp(-1, 1), atol=1e-5) for s in shown), kind
             hits = judge(images.clamp(-1, 1)).argmax(1) == truth
             assert result[kind] == pytest.approx([hits[truth == c].float().mean().item() for c in range(3)]), kind
             assert result[f'{kind}_mean'] == pytest.approx(sum(result[kind]) / 3), kind
