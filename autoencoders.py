@@ -1,56 +1,97 @@
 """
-Any autoencoder wherever a VMAE is used: one loader that recognises what a checkpoint holds (a VMAE or a
-convolutional KL autoencoder, ours or the authors', or a diffusers VAE folder such as SD3's), and the
-loading of a DiT together with its latent statistics and the autoencoder that decodes its latents, and the
-generation of images with them.
+The autoencoder seam: what train_dit.py, sample.py and evaluate.py need of an autoencoder, stated once,
+and the registry that loads any of them from its checkpoint.
 
-Both model files read their own formats (vmae.read_vmae, convae.read_convae); this file only decides
-which one to ask, so train_dit.py, sample.py, evaluate.py and bench.py never care which they have.
+Every autoencoder (vmae.VMAE; the paper's baselines, paper/convae.py's ConvAE) has:
+    encode(x)    images (B, 3, H, W) in [-1, 1] -> a posterior with .mean and .logvar (B, C, h, w),
+                 .sample() and .mode() (vmae.DiagonalGaussian)
+    decode(z)    latents (B, C, h, w) -> images (B, 3, H, W) on the [-1, 1] scale
+    img_size, patch_size (= H / h), latent_dim (= C), grid (= h = w)
+    dit_latent   the latent a DiT learns from it: 'sample' (a fresh posterior sample each time an image is
+                 drawn) or 'mode' (the posterior mean)
+and its file records its `kind`, a key of REGISTRY, whose loader reads it. Bring your own autoencoder: a
+file of your own with the model and `load(path, device='cpu', img_size=None)` (the model in eval mode),
+checkpoints saved with 'kind': 'yours', and one line in REGISTRY (see the README).
 """
 
+import importlib
 import os
 
 import torch
 
 import dit
 import fileio
-from common import print0, seeded_noise
-from convae import load_convae
-from vmae import VMAE, load_vmae
+from common import print0
+
+REGISTRY = {  # kind -> (module, its loader)
+    'vmae': ('vmae', 'load_vmae'),
+    'convae': ('paper.convae', 'load_convae'),  # the paper's convolutional baselines and SD3's VAE, from the wing
+}
 
 
 def autoencoder_kind(path):
-    """'vmae' or 'convae' for any file either model file reads; a one-line ValueError otherwise."""
+    """The registry's kind of any file an autoencoder loader reads: the kind our checkpoints record, or for
+    the authors' and diffusers' files, the one their weights' names give; a one-line ValueError otherwise."""
     if os.path.isdir(path) or path.endswith('.safetensors'):
         return 'convae'  # diffusers VAE folders (SD3's vae/)
     ckpt = fileio.read_checkpoint(path, 'autoencoder checkpoint')
     weights = ckpt.get('model') if isinstance(ckpt, dict) else None
-    if isinstance(ckpt, dict) and ckpt.get('kind') in ('vmae', 'convae'):
+    if isinstance(ckpt, dict) and ckpt.get('kind') in REGISTRY:
         return ckpt['kind']
     if isinstance(weights, dict) and any(k.endswith('to_latent.weight') for k in weights):
-        return 'vmae'
+        return 'vmae'  # the authors' vmaef8d16.pth
     if isinstance(weights, dict) and any(k.endswith('encoder.conv_in.weight') for k in weights):
-        return 'convae'
+        return 'convae'  # diffusers-named KL autoencoder weights
     found = f"kind '{ckpt['kind']}'" if isinstance(ckpt, dict) and 'kind' in ckpt else \
         f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise ValueError(f"'{path}' is not an autoencoder checkpoint: expected a VMAE (train_vmae.py's, or the authors' "
-                     f"vmaef8d16.pth) or a convolutional KL autoencoder (ours, the authors' diffusers-named weights, "
-                     f"or a diffusers vae/ folder); found {found}")
-
-
-def dit_latent(autoencoder):
-    """The latent a DiT learns from this autoencoder, as the authors: 'sample' (a fresh posterior sample)
-    for a VMAE, whose KL term keeps its std near 1e-3; 'mode' (the posterior mean) for a convolutional one,
-    whose AE and DAE objectives never train a variance."""
-    return 'sample' if isinstance(autoencoder, VMAE) else 'mode'
+    raise ValueError(f"'{path}' is not an autoencoder checkpoint: expected one of the kinds {', '.join(REGISTRY)} (train_vmae.py's, "
+                     f"the authors' vmaef8d16.pth, a convolutional KL autoencoder or a diffusers vae/ folder); found {found}")
 
 
 def load_autoencoder(path, device='cpu', img_size=None):
-    """A VMAE or ConvAE in eval mode (the file is read twice for torch files: once to see what it is), with
+    """Any registered autoencoder in eval mode (a torch file is read twice: once to see what it is), with
     `.path` the file it came from, so that what is made with it can record its hash."""
-    model = {'vmae': load_vmae, 'convae': load_convae}[autoencoder_kind(path)](path, device, img_size=img_size)
+    module, loader = REGISTRY[autoencoder_kind(path)]
+    model = getattr(importlib.import_module(module), loader)(path, device, img_size=img_size)
+    dit_latent(model)
     model.path = path
     return model
+
+
+def dit_latent(autoencoder):
+    """'sample' or 'mode': the latent a DiT learns from this autoencoder (its class says which)."""
+    kind = getattr(autoencoder, 'dit_latent', None)
+    if kind not in ('sample', 'mode'):
+        raise ValueError(f"{type(autoencoder).__name__} does not say which latent a DiT learns from it: give the class "
+                         f"dit_latent = 'sample' or 'mode' (see autoencoders.py)")
+    return kind
+
+
+def autoencoder_names(paths, names=()):
+    """`names` (--names), or each checkpoint's run folder (out/sdvae/last.pt -> sdvae), else its file or folder name."""
+    if names:
+        if len(names) != len(paths):
+            raise ValueError(f"--names gives {len(names)} names for {len(paths)} autoencoders")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # the names key the results: a repeated one would keep one autoencoder's row and drop the other's
+            raise ValueError(f"--names gives {', '.join(repr(n) for n in twice)} more than once: give each autoencoder its own name")
+        return list(names)
+    def name(path):
+        path = os.path.normpath(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return os.path.basename(os.path.dirname(path)) or stem if stem == 'last' or stem.startswith('ckpt_') else stem
+    names = [name(p) for p in paths]
+    return [n if names.count(n) == 1 else f'{n}_{i}' for i, n in enumerate(names)]
+
+
+def load_autoencoders(paths, names=(), device='cpu', image_size=0):
+    """-> ({name: autoencoder} in eval mode, their image size): image_size, else the first one's, for all."""
+    models, size = {}, image_size or None
+    for name, path in zip(autoencoder_names(paths, names), paths):
+        models[name] = load_autoencoder(path, device, size)
+        size = models[name].img_size
+        print0(f"{name}: {type(models[name]).__name__} {path} at {size} px")
+    return models, size
 
 
 def load_generator(dit_path, autoencoder_path='', latent_stats='', weights='ema', device='cpu'):
@@ -78,15 +119,3 @@ def load_generator(dit_path, autoencoder_path='', latent_stats='', weights='ema'
         raise ValueError(f"the autoencoder {path} makes latents of shape ({autoencoder.latent_dim}, {autoencoder.grid}, "
                          f"{autoencoder.grid}) but the DiT {dit_path} models {shape}: pass the one the DiT was trained on")
     return model, {k: torch.as_tensor(v, dtype=torch.float32).flatten().to(device) for k, v in stats.items()}, autoencoder
-
-
-@torch.no_grad()
-def generate(model, autoencoder, stats, labels, indices, seed=0, progress=False, **sampler):
-    """Images (B, 3, H, W) in [-1, 1] for these labels: dit.flow_sample(**sampler: steps, solver, shift,
-    guidance) then the decoder. Sample i's noise comes from (seed, i) alone, so the result depends on
-    neither the batch size nor the number of GPUs."""
-    size = model.args['input_size']
-    device = stats['mean'].device
-    z = seeded_noise(seed, indices, (model.in_channels, size, size)).to(device)
-    latents = dit.flow_sample(model, z, torch.as_tensor(labels, device=device), progress=progress, **sampler)
-    return autoencoder.decode(dit.destandardise(latents, stats))

@@ -37,18 +37,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-import convae
 import dit
 import fileio
 import inception
 import vmae
+from paper import convae
 
 # -----------------------------------------------------------------------------
 # sizes: per device kind; flags override
 
 SIZES = {
     # VMAE stage 1 at 128 px; DiT-B/1 on 16x32x32 latents (64 per GPU: about 40 GB eager, where 128 would not fit
-    # in 80 GB); extraction batch = train_dit's 64 images x (image + mirror); sampling as sample.py --batch-size 64
+    # in 80 GB); extraction batch = train_dit's 64 images x (image + mirror); sampling as sample.py --batch_size 64
     'gpu': dict(vmae='VMAE-f8d16', dit='DiT-B/1', train_px=128, encode_px=256, latent=32, vmae_train=128, dit_train=64,
                 encode=128, sample=64, inception=200, steps=250, warmup=3, iters=20,
                 sdvae='SD3-VAE', ae_train=16, ae_infer=32),
@@ -278,10 +278,12 @@ class Config:
 
 
 def check(cfg):
-    """Settings that would run but make no sense, refused before any work; 0 keeps the device's default."""
-    batch_sizes = {f'batch_size_{name}': 1 for name in BENCHES}
-    common.check_settings(cfg, choices={'only': BENCHES, 'infer_dtype': ('bf16', 'tf32')}, at_least={**batch_sizes, 'sample_steps': 2},
-                          zero_ok=(*batch_sizes, 'sample_steps'))
+    """Settings that would run but mislead, refused before any work; 0 keeps the device's default."""
+    if set(cfg.only) - set(BENCHES) or cfg.infer_dtype not in ('bf16', 'tf32'):
+        raise ValueError(f"--only takes {', '.join(BENCHES)} and --infer_dtype bf16 or tf32")
+    for name in [f'batch_size_{b}' for b in BENCHES] + ['sample_steps']:
+        if getattr(cfg, name) < 0 or (name == 'sample_steps' and getattr(cfg, name) == 1):
+            raise ValueError(f"--{name} must be 0 (the default) or at least {2 if name == 'sample_steps' else 1}, got {getattr(cfg, name)}")
 
 
 def sizes(cfg, cuda):

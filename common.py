@@ -16,12 +16,11 @@ import ctypes
 import dataclasses
 import inspect
 import json
-import operator
+import math
 import os
 import re
 import sys
 import time
-import types
 import typing
 
 import numpy as np
@@ -35,87 +34,49 @@ import fileio
 # config: dataclass defaults <- config files <- --flags, the same for every script
 
 def parse_config(config_cls, argv=None, description=None):
-    """Build `config_cls` (a dataclass) from its defaults, then any config files given as positional
-    arguments (plain `name = value` lines, parsed, never executed), then `--name value` flags.
-    A config with positional fields (evaluate.py's ref and samples) takes those instead of config files."""
+    """Build `config_cls` (a dataclass) from its defaults, then the config files given as positional
+    arguments (`name = value` lines, parsed, never executed), then `--name value` flags."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, config_cls)
-    return config_from_args(config_cls, parser.parse_args(argv), parser)
-
-
-def add_config_arguments(parser, config_cls):
-    """One flag per field: `--out_dir` (the documented spelling, as in the config files) and `--out-dir`.
-    A bool takes `--name`, `--name false` or `--no_name`; a tuple takes one or more values (spaces or
-    commas). The help text is the comment after the field in the dataclass."""
-    comments = field_comments(config_cls)
-    positional = [f for f in dataclasses.fields(config_cls) if f.metadata.get('positional')]
-    if not positional:
-        parser.add_argument('config_files', nargs='*', help='config files of `name = value` lines, applied before the flags')
-    for f in dataclasses.fields(config_cls):
-        kind, default = field_type(config_cls, f), f.default
-        comment = comments.get(f.name, '').replace('%', '%%')  # argparse formats help with %
-        help_text = comment if 'default' in comment else f"{comment} (default: {default!r})".strip()
-        if f.metadata.get('positional'):
-            parser.add_argument(f.name, type=kind, help=comments.get(f.name))
-            continue
-        names = {f.name, *f.metadata.get('aliases', ())}
-        flags = sorted({'--' + n for n in names} | {'--' + n.replace('_', '-') for n in names}, key=lambda s: ('-' in s[2:], s))
-        if kind is bool:
-            parser.add_argument(*flags, dest=f.name, type=parse_bool, nargs='?', const=True, default=None, help=help_text)
-            parser.add_argument(f'--no_{f.name}', f'--no-{f.name.replace("_", "-")}', dest=f.name, action='store_const',
-                                const=False, help=argparse.SUPPRESS)
-        elif kind is tuple:
-            parser.add_argument(*flags, dest=f.name, type=list_of(tuple_item_type(config_cls, f)), nargs='+', default=None,
-                                help=help_text)
-        else:
-            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
-
-
-def config_from_args(config_cls, args, parser):
+    parser.add_argument('config_files', nargs='*', help='files of `name = value` lines, applied before the flags')
+    add_flags(parser, config_cls)
+    args = vars(parser.parse_args(argv))
     values = {}
-    for path in getattr(args, 'config_files', []):
+    for path in args.pop('config_files'):
         values.update(read_config_file(path, config_cls, parser))
-    for name, value in vars(args).items():
-        if name in {f.name for f in dataclasses.fields(config_cls)} and value is not None:
-            values[name] = tuple(v for part in value for v in part) if isinstance(value, list) else value
-    return dataclasses.replace(config_cls(), **values)
+    values.update({name: tuple(v) if isinstance(v, list) else v for name, v in args.items() if v is not None})
+    return config_cls(**values)
 
 
-def field_type(config_cls, f):
-    """int, float, bool, str or tuple, from the annotation (`float | None` counts as float)."""
-    hint = typing.get_type_hints(config_cls)[f.name]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(k for k in typing.get_args(hint) if k is not type(None))
-    return typing.get_origin(hint) or hint
+def add_flags(parser, config_cls):
+    """One `--name` per field (`--class` for sample.py's `classes`), its help the comment after the field:
+    a bool takes true or false (alone: true), a tuple one or more values. Positional fields take no flag."""
+    comments = dict(re.findall(r'^ +(\w+):[^#\n]*# *(.+)$', inspect.getsource(config_cls), flags=re.M))
+    for f in dataclasses.fields(config_cls):
+        kind, item = field_type(config_cls, f.name)
+        names = [f.name] if f.metadata.get('positional') else [f"--{f.metadata.get('flag', f.name)}"]
+        options = dict(dest=f.name, default=None, help=f"{comments.get(f.name, '')} (default: {f.default!r})".replace('%', '%%'))
+        if f.metadata.get('positional'):
+            options = dict(help=comments.get(f.name))
+        elif kind is bool:
+            options.update(type=parse_bool, nargs='?', const=True)
+        elif kind is tuple:
+            options.update(type=item, nargs='+')
+        parser.add_argument(*names, **options, **({} if kind in (bool, tuple) else {'type': kind}))
 
 
-def tuple_item_type(config_cls, f):
-    return typing.get_args(typing.get_type_hints(config_cls)[f.name])[0]
-
-
-def list_of(kind):
-    """argparse type: '1,2' -> [1, 2]; with nargs='+', `--eps 0 0.1` and `--eps 0,0.1` both work."""
-    return lambda text: [kind(part) for part in text.split(',') if part]
-
-
-def field_comments(config_cls):
-    """{field: the comment after it} from the dataclass's source (and its bases'), the help of its flags."""
-    comments = {}
-    for cls in reversed(config_cls.__mro__):  # a subclass's comment wins
-        if dataclasses.is_dataclass(cls):
-            try:
-                comments.update(re.findall(r'^\s+(\w+)\s*:[^#\n]*#\s*(.+)$', inspect.getsource(cls), flags=re.M))
-            except (OSError, TypeError):  # no source (an interactive session): no help text
-                pass
-    return comments
+def field_type(config_cls, name):
+    """(int, float, bool, str or tuple; a tuple's item type): `float | None` counts as float."""
+    hint = typing.get_type_hints(config_cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return tuple, args[0]
+    return (args[0] if args else hint), None
 
 
 def parse_bool(text):
-    if text.lower() in ('1', 'true', 'yes', 'on'):
-        return True
-    if text.lower() in ('0', 'false', 'no', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+    if text.lower() not in ('true', 'false'):
+        raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    return text.lower() == 'true'
 
 
 def read_config_file(path, config_cls, parser):
@@ -134,15 +95,25 @@ def read_config_file(path, config_cls, parser):
             value = ast.literal_eval(node.value)
         except ValueError:
             parser.error(f"{path}:{node.lineno}: the value of '{name}' must be a literal")
-        kind = field_type(config_cls, fields[name])
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is tuple and isinstance(value, list):
-            value = tuple(value)
+        kind, _ = field_type(config_cls, name)
+        value = float(value) if kind is float and type(value) is int else tuple(value) if kind is tuple and isinstance(value, list) else value
         if type(value) is not kind and not (value is None and fields[name].default is None):
             parser.error(f"{path}:{node.lineno}: '{name}' must be {kind.__name__}, got {value!r}")
         values[name] = value
     return values
+
+
+def parse_command(commands, argv, prog, description):
+    """`prog COMMAND [args]` with commands = {name: (its Config dataclass, one line of help)}. -> (name, config)"""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    subparsers = parser.add_subparsers(dest='command', required=True, metavar='{' + ','.join(commands) + '}')
+    if argv and argv[0] not in commands and not argv[0].startswith('-'):
+        raise ValueError(f"unknown command '{argv[0]}': choose one of {', '.join(commands)}")
+    for name, (config_cls, help_text) in commands.items():
+        add_flags(subparsers.add_parser(name, help=help_text, description=help_text), config_cls)
+    args = vars(parser.parse_args(argv))
+    name = args.pop('command')
+    return name, commands[name][0](**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
 
 
 def positional():
@@ -150,47 +121,15 @@ def positional():
     return dataclasses.field(default='', metadata={'positional': True})
 
 
-def aliases(default, *names):
-    """A config field with extra flag names, e.g. sample.py's `classes` is also `--class`."""
-    return dataclasses.field(default=default, metadata={'aliases': names})
-
-
-LIMITS = {'at_least': (operator.ge, 'at least'), 'above': (operator.gt, 'greater than'), 'at_most': (operator.le, 'at most'),
-          'below': (operator.lt, 'less than'), 'multiple_of': (lambda v, k: v % k == 0, 'a multiple of')}
-
-
-def check_settings(cfg, choices=None, zero_ok=(), **limits):
-    """Refuse settings that would run but make no sense (decoded noise, an empty batch, a crash later),
-    before any work, with a ValueError naming the flag: `--steps must be at least 2, got 0`.
-    limits: at_least, above, at_most, below, multiple_of = {field: number}; a tuple field must hold at
-    least one value, and each must pass. choices: {field: allowed values} (each value of a tuple).
-    zero_ok: fields whose 0 means 'the default' (skipped when 0). The config's --device, if it has one,
-    must be a device PyTorch knows and, for cuda, one that is there."""
-    for kind, bounds in limits.items():
-        holds, words = LIMITS[kind]
-        for name, bound in bounds.items():
-            value = getattr(cfg, name)
-            if name in zero_ok and value == 0:
-                continue
-            if value == ():
-                raise ValueError(f"--{name} needs at least one value")
-            for v in value if isinstance(value, tuple) else (value,):
-                if not holds(v, bound):
-                    default = ' (or 0 for the default)' if name in zero_ok else ''
-                    hint = f": try {round(v / bound) * bound or bound}" if kind == 'multiple_of' else ''
-                    raise ValueError(f"--{name} must be {words} {bound}{default}, got {v}{hint}")
-    for name, allowed in (choices or {}).items():
-        value = getattr(cfg, name)
-        for v in value if isinstance(value, tuple) else (value,):
-            if v not in allowed:
-                raise ValueError(f"--{name} must be one of {', '.join(map(str, allowed))}, got '{v}'")
-    device = getattr(cfg, 'device', 'auto')
+def check_device(device):
+    """--device: auto, cpu, cuda or cuda:N, and for cuda one that is there."""
     try:
         cuda = device != 'auto' and torch.device(device).type == 'cuda'
     except RuntimeError:
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
     if cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: PyTorch sees no CUDA GPU here: use --device cpu (or auto)")
+
 
 # -----------------------------------------------------------------------------
 # devices, DDP and precision
@@ -341,37 +280,6 @@ def wrap_for_training(model, compile, d):
 # -----------------------------------------------------------------------------
 # checkpoints and logs
 
-def run_checkpoint_path(out_dir, resume):
-    """out_dir/last.pt, checked against --resume: resuming needs it, a fresh run must not overwrite it."""
-    path = os.path.join(out_dir, 'last.pt')
-    if resume and not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    if not resume and os.path.isfile(path):
-        raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
-    return path
-
-
-def read_run_checkpoint(path, kind):
-    """A training run's checkpoint for --resume; a checkpoint of another trainer, or weights without
-    optimizer state, is refused before any work starts."""
-    ckpt = fileio.read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get('kind') != kind or 'optimizer' not in ckpt:
-        found = f"a '{ckpt['kind']}' checkpoint" if isinstance(ckpt, dict) and ckpt.get('kind', kind) != kind else \
-            "not a training run's checkpoint (no optimizer state)"
-        raise ValueError(f"--resume: {path} is {found}, and this run trains a '{kind}' model: choose the --out_dir of such a run "
-                         f"(or the --model that made it)")
-    return ckpt
-
-
-def restore_run(ckpt, optimizer, scaler, cfg, path):
-    """Optimizer state, loss scale and step from a run checkpoint (the caller loads the weights). -> step"""
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
-    print0(f"resumed from {path} at step {ckpt['step']}")
-    note_config_changes(ckpt['config'], cfg)
-    return ckpt['step']
-
-
 def note_config_changes(saved, cfg, free=('resume', 'stop_epoch', 'max_steps', 'log_every', 'ckpt_every', 'keep_every', 'image_every',
                                           'sample_every', 'num_workers', 'compile', 'device', 'out_dir', 'autoencoder', 'latents')):
     """On resume, name the settings that differ from the checkpoint's run (other than the run's
@@ -381,11 +289,34 @@ def note_config_changes(saved, cfg, free=('resume', 'stop_epoch', 'max_steps', '
         print0(f"note: resuming with changed settings: {', '.join(changed)}")
 
 
-def save_run_checkpoint(ckpt, out_dir, step, keep_every):
-    """Replace out_dir/last.pt; every keep_every steps also keep out_dir/ckpt_<step>.pt."""
-    fileio.save_checkpoint(ckpt, os.path.join(out_dir, 'last.pt'))
-    if keep_every and step % keep_every == 0:
-        fileio.save_checkpoint(ckpt, os.path.join(out_dir, f'ckpt_{step:07d}.pt'))
+def load_checked(model, weights, source, model_name):
+    """model.load_weights, with weights of another shape refused in one line (load_state_dict's own error
+    lists every tensor). Position tables are left out: load_weights resizes them to the image size."""
+    theirs = fileio.strip_wrapper_prefixes(weights)
+    differ = [f"{k} {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in model.state_dict().items()
+              if k in theirs and theirs[k].shape != v.shape and not k.endswith('pos_embed')]
+    if differ:
+        raise ValueError(f"{source} holds weights of another shape than --model {model_name} ({len(differ)} tensors differ, "
+                         f"e.g. {differ[0]}): pass the --model that made it")
+    model.load_weights(weights)
+
+
+def adamw(model, lr, betas, weight_decay):
+    """AdamW with weight decay on weight matrices (and the mask token) only, as timm's
+    param_groups_weight_decay that the authors used; frozen tensors are left out. Fused: one pass over each
+    tensor without temporaries (on a CPU the default per-tensor loop takes several times longer)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.ndim >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def cosine_lr(step, lr, min_lr, warmup_steps, total_steps):
+    """Linear warm-up from 0, then a half-cycle cosine to min_lr at the end of the schedule."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def check_same_settings(recorded, wanted, what, remedy):
@@ -514,14 +445,31 @@ class Meter:
         return means
 
 
+def print_table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print('  '.join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))), flush=True)
+
+
+def format_value(v):
+    return 'n/a' if v is None else f'{v:.4f}'
+
+
+def write_results(path, obj, cfg):
+    """Results as JSON (atomically), with what produced them: the command's settings and torch's version."""
+    fileio.write_json(path, {**obj, 'config': dataclasses.asdict(cfg), 'torch': torch.__version__})
+    print(f"wrote {path}", flush=True)
+
+
 def run_stage(title, script, flags):
-    """For demo.py and study.py: run a training script (train_vmae, train_dit) with its config file and
+    """For demo.py and study.py: run a training script (train_vmae, train_dit, paper.train_convae) with its config file and
     flags as its command line would, resuming (or skipping) what an earlier run finished."""
     print(f"\n== {title} ==")
     out_dir = flags[flags.index('--out_dir') + 1]
     if os.path.isfile(os.path.join(out_dir, 'last.pt')):
         flags = flags + ['--resume']
-    print(f"$ python {script.__name__}.py {' '.join(flags)}")
+    runs = f"-m {script.__name__}" if '.' in script.__name__ else f"{script.__name__}.py"
+    print(f"$ python {runs} {' '.join(flags)}")
     script.main(parse_config(script.Config, flags))
 
 

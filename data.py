@@ -18,6 +18,7 @@ Images come out as float tensors (3, H, W) in [-1, 1], with an integer label.
 """
 
 import colorsys
+import copy
 import math
 import os
 import random
@@ -29,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import fileio
 from common import seed_for
+from metrics import psnr_per_image
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.gif')
 
@@ -98,7 +100,31 @@ def save_grid(images, path, ncol, row_labels=None, upscale=1):
     for r, text in enumerate(row_labels or []):
         draw.text((6, pad + r * (h + pad) + h // 2), text, fill=(0, 0, 0), font=font, anchor='lm')
     with fileio.atomic_write(path) as f:  # a temporary file, renamed when complete: no half-written grid
-        grid.save(f, format='PNG')  # the format by name: the temporary file ends in .tmp
+        grid.save(f, format='JPEG' if path.lower().endswith(('.jpg', '.jpeg')) else 'PNG')  # by name: the file ends in .tmp
+
+
+def fixed_val_batch(data, image_size, train_set, n=8):
+    """The same n centre-cropped images every time, for a trainer's reconstruction PNGs: the held-out
+    split of the built-in data, or images spread over the training folder."""
+    if data == 'builtin':
+        dataset = build_dataset('builtin', image_size, split='val')
+    else:
+        dataset = copy.copy(train_set)
+        dataset.train = dataset.flip = False
+    indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
+    return torch.stack([dataset[i][0] for i in indices])
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path):
+    """Originals (top) vs an autoencoder's reconstructions from the posterior mean (bottom) -> PNG; returns
+    their PSNR (dB) as uint8 images."""
+    model.eval()
+    recon = model.decode(model.encode(images.to(next(model.parameters()).device)).mode()).float().cpu()
+    model.train()
+    save_grid(torch.cat([images, recon]), path, ncol=len(images), row_labels=['original', 'reconstruction'],
+              upscale=max(1, 128 // images.shape[-1]))
+    return float(psnr_per_image(to_uint8(images).numpy(), to_uint8(recon).numpy()).mean())
 
 
 def open_rgb(path):

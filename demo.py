@@ -25,6 +25,7 @@ import torch
 
 import common
 import evaluate
+import paper.__main__ as paper_commands
 import sample
 import train_dit
 import train_vmae
@@ -56,7 +57,8 @@ def main():
     print("\n== 4/5 reconstructions of held-out images, against a thumbnail of the latent's size ==")
     recon = {}
     for name, ckpt in (('stage 1', stage1_ckpt), ('stage 3', vmae_ckpt)):
-        flags = ['--autoencoder', ckpt, '--data', 'builtin', '--num_images', str(NUM_HELD_OUT), '--no_rfid', '--no_lpips', '--num_workers', '0']
+        flags = ['--autoencoder', ckpt, '--data', 'builtin', '--num_images', str(NUM_HELD_OUT), '--rfid', 'false', '--lpips', 'false',
+                 '--num_workers', '0']
         print(f"$ python evaluate.py recon {' '.join(flags)}")
         evaluate.main(['recon', *flags])
         with open(ckpt + '.recon.json') as f:
@@ -67,8 +69,8 @@ def main():
     print("\n== 5/5 do the samples show the shape of their class? ==")
     flags = ['--dit', dit_ckpt, '--data', 'builtin', '--num_samples', str(NUM_SAMPLES), '--steps', str(SAMPLE_STEPS),
              '--cfg_scale', str(CFG_SCALE), '--device', 'cpu']
-    print(f"$ python evaluate.py recognition {' '.join(flags)}")
-    evaluate.main(['recognition', *flags])
+    print(f"$ python -m paper recognition {' '.join(flags)}")
+    paper_commands.main(['recognition', *flags])
     with open(dit_ckpt + '.recognition.json') as f:
         rates = json.load(f)
 

@@ -268,7 +268,7 @@ def load_inception(path, device='cpu', allow_random=False):
     sha = file_sha256(path)
     if not sha.startswith(FID_WEIGHTS_SHA256_PREFIX) and not allow_random:
         raise ValueError(f"'{path}' is not pytorch-fid's FID Inception file (sha256 {sha[:8]}..., expected {FID_WEIGHTS_SHA256_PREFIX}...): "
-                         f"its numbers are not comparable with published ones; pass --allow-random-inception to use it anyway (tests, debugging)")
+                         f"its numbers are not comparable with published ones; pass --allow_random_inception to use it anyway (tests, debugging)")
     state_dict = read_checkpoint(path, 'Inception weights file')
     model = FIDInceptionV3()
     if not isinstance(state_dict, dict):

@@ -33,9 +33,9 @@ import fileio
 @dataclasses.dataclass
 class Config:
     dit: str = 'out/dit/last.pt'   # train_dit.py checkpoint or the authors' LightningDiT .pt
-    autoencoder: str = common.aliases('', 'vmae')  # VMAE or convolutional checkpoint (default: the one the DiT was trained on)
+    autoencoder: str = ''          # VMAE or convolutional checkpoint (default: the one the DiT was trained on)
     latent_stats: str = ''         # per-channel latent mean/std for a DiT checkpoint without them (the authors' latents_stats.pt)
-    classes: tuple[int, ...] = common.aliases((), 'class')  # class indices for the grid (omit for unconditional models)
+    classes: tuple[int, ...] = dataclasses.field(default=(), metadata={'flag': 'class'})  # --class: indices for the grid (omit for unconditional models)
     n: int = 8                     # samples per class in the grid
     num_fid_samples: int = 0       # write this many class-balanced samples to an ADM .npz instead of a grid
     batch_size: int = 64           # per GPU
@@ -56,10 +56,15 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Numbers that would run but make no sense (decoded noise, an empty grid) are refused up front."""
-    common.check_settings(args, at_least={'steps': 2, 'n': 1, 'batch_size': 1, 'num_fid_samples': 0, 'cfg_channels': 0,
-                                          'cfg_interval_start': 0, 'shift': 0, 'seed': 0},
-                          at_most={'cfg_interval_start': 1}, choices={'solver': dit.SOLVERS, 'weights': ('ema', 'model')})
+    """Values that would run but mislead (decoded noise, an empty grid), refused before any work."""
+    for name, least in (('steps', 2), ('n', 1), ('batch_size', 1), ('num_fid_samples', 0), ('cfg_channels', 0), ('shift', 0), ('seed', 0)):
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    if not 0 <= args.cfg_interval_start <= 1:
+        raise ValueError(f"--cfg_interval_start must be in [0, 1], got {args.cfg_interval_start}")
+    if args.solver not in dit.SOLVERS or args.weights not in ('ema', 'model'):
+        raise ValueError(f"--solver must be one of {', '.join(dit.SOLVERS)} and --weights ema or model, got '{args.solver}', '{args.weights}'")
+    common.check_device(args.device)
 
 
 def main(args):

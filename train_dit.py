@@ -40,7 +40,7 @@ class Config:
     # data, autoencoder and output
     data: str = 'builtin'          # image folder (class subfolders, or flat = unconditional) or 'builtin'
     image_size: int = 256
-    autoencoder: str = common.aliases('', 'vmae')  # train_vmae.py's last.pt, the authors' vmaef8d16.pth, a diffusers vae/ folder
+    autoencoder: str = ''          # train_vmae.py's last.pt, the authors' vmaef8d16.pth, a diffusers vae/ folder
     posterior: str = 'auto'        # the latent: sample (VMAE), mode (convolutional models), or auto: as the authors per model
     out_dir: str = 'out/dit'
     latents: str = ''              # where the latents live ('' = out_dir/latents); share it between runs
@@ -77,17 +77,27 @@ class Config:
 
 
 def check_config(cfg):
-    """Settings that would run but make no sense, refused before any work. The image size must give the
-    autoencoder (downsampling by 8) whole latents."""
+    """Settings that would run but mislead, refused before any work."""
     if cfg.model not in dit.DiT_models:
         raise ValueError(f"unknown model '{cfg.model}': choose one of {list(dit.DiT_models)}")
-    common.check_settings(
-        cfg, choices={'dtype': ('bf16', 'fp16', 'fp32'), 'latent_dtype': ('float32', 'float16'), 'posterior': ('auto', 'sample', 'mode')},
-        at_least={'image_size': 8, 'extract_batch_size': 1, 'class_dropout_prob': 0, 'batch_size': 1, 'micro_batch_size': 1,
-                  'beta1': 0, 'beta2': 0, 'weight_decay': 0, 'grad_clip': 0, 'ema_decay': 0, 'max_steps': 1, 'num_workers': 0,
-                  'seed': 0, 'log_every': 1, 'ckpt_every': 1, 'keep_every': 0, 'sample_every': 1, 'sample_steps': 2},
-        multiple_of={'image_size': 8}, above={'lr': 0}, below={'class_dropout_prob': 1, 'beta1': 1, 'beta2': 1},
-        at_most={'ema_decay': 1})
+    if cfg.image_size < 8 or cfg.image_size % 8:  # every autoencoder here downsamples by 8
+        raise ValueError(f"--image_size must be a positive multiple of 8, got {cfg.image_size}")
+    for name, allowed in (('dtype', ('bf16', 'fp16', 'fp32')), ('latent_dtype', ('float32', 'float16')),
+                          ('posterior', ('auto', 'sample', 'mode'))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got '{getattr(cfg, name)}'")
+    for name in ('extract_batch_size', 'batch_size', 'micro_batch_size', 'max_steps', 'log_every', 'ckpt_every', 'sample_every'):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ('weight_decay', 'grad_clip', 'keep_every', 'num_workers', 'seed'):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    if not (0 <= cfg.class_dropout_prob < 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and 0 <= cfg.ema_decay <= 1):
+        raise ValueError("--class_dropout_prob, --beta1 and --beta2 must be in [0, 1), --ema_decay in [0, 1]")
+    if cfg.lr <= 0 or cfg.sample_steps < 2:
+        raise ValueError(f"--lr must be positive and --sample_steps at least 2, got {cfg.lr} and {cfg.sample_steps}")
+    common.check_device(cfg.device)
+    fileio.check_output_dir(cfg.out_dir)
 
 
 def main(cfg):
@@ -96,9 +106,15 @@ def main(cfg):
     common.speed_settings()
     device, say = dist.device, common.print0
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
-    last_path = common.run_checkpoint_path(cfg.out_dir, cfg.resume)
+    last_path = os.path.join(cfg.out_dir, 'last.pt')
+    if cfg.resume and not os.path.isfile(last_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
+    if not cfg.resume and os.path.isfile(last_path):
+        raise ValueError(f"{last_path} exists: pass --resume to continue that run, or choose another --out_dir")
     latent_dir = cfg.latents or os.path.join(cfg.out_dir, 'latents')
-    resume_from = common.read_run_checkpoint(last_path, 'dit') if cfg.resume else None  # a wrong file fails before any work
+    resume_from = fileio.read_checkpoint(last_path) if cfg.resume else None  # a wrong file fails before any work
+    if resume_from is not None and (resume_from.get('kind') != 'dit' or 'optimizer' not in resume_from):
+        raise ValueError(f"--resume: {last_path} is not a train_dit.py run's checkpoint: choose the --out_dir of such a run")
 
     # 1. latents (the autoencoder is needed to extract them and to decode the sample grids)
     ae_path = cfg.autoencoder or (resume_from['config']['autoencoder'] if resume_from else read_meta(latent_dir).get('autoencoder', ''))
@@ -137,7 +153,11 @@ def main(cfg):
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
         ema.load_state_dict(resume_from['ema'])
-        step = common.restore_run(resume_from, optimizer, scaler, dataclasses.replace(cfg, posterior=posterior), last_path)
+        optimizer.load_state_dict(resume_from['optimizer'])
+        scaler.load_state_dict(resume_from['scaler'])
+        step = resume_from['step']
+        say(f"resumed from {last_path} at step {step}")
+        common.note_config_changes(resume_from['config'], dataclasses.replace(cfg, posterior=posterior))
         del resume_from  # the optimizer state it holds is large
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} latents "
         f"{tuple(meta['shape'][1:])} | {num_classes} classes | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} "
@@ -184,7 +204,9 @@ def main(cfg):
                                       scaler=scaler.state_dict(), step=step, classes=meta['classes'],
                                       config={**dataclasses.asdict(cfg), 'autoencoder': os.path.abspath(ae_path),
                                               'autoencoder_sha256': meta['autoencoder_sha256'], 'posterior': posterior})
-            common.save_run_checkpoint(ckpt, cfg.out_dir, step, cfg.keep_every)
+            fileio.save_checkpoint(ckpt, last_path)  # atomic: a crash mid-write keeps the last good one
+            if cfg.keep_every and step % cfg.keep_every == 0:
+                fileio.save_checkpoint(ckpt, os.path.join(cfg.out_dir, f'ckpt_{step:07d}.pt'))
     log.close()
     say(f"done: {last_path}")
     common.cleanup_distributed()

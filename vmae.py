@@ -132,6 +132,8 @@ class DiagonalGaussian:
 
 class VMAE(nn.Module):
     """Symmetric ViT encoder/decoder with a Gaussian latent per patch."""
+    # a DiT learns a fresh posterior sample each time (the authors'): the KL term keeps its std near 1e-3
+    dit_latent = 'sample'
 
     def __init__(self, img_size=256, patch_size=8, in_chans=3, embed_dim=192, depth=12, num_heads=12,
                  decoder_embed_dim=192, decoder_depth=12, decoder_num_heads=12, mlp_ratio=4.0,

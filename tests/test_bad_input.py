@@ -8,19 +8,18 @@ import subprocess
 import sys
 
 import matplotlib.figure
+import paper.__main__ as paper_commands
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import convae
 import data
 import dit
-import evaluate
-import figures
 import fileio
 import train_vmae
 import vmae
+from paper import convae, figures, study
 from test_convae import SD3_STYLE_CONFIG, write_vae_folder
 from test_evaluate import cli_error
 from test_figures import two_autoencoders  # noqa: F401 (a fixture: a random VMAE-tiny and ConvAE-tiny at 32 px)
@@ -85,10 +84,10 @@ def test_smoothness_refuses_the_statistics_of_another_autoencoder(aes, tmp_path,
         torch.save(dit.dit_checkpoint(model, model, stats, config={'autoencoder': trained_on,
                                                                    'autoencoder_sha256': fileio.file_sha256(trained_on)}), tmp_path / name)
     flags = ['smoothness', '--autoencoder', vmae_file, '--data', 'builtin', '--num_images', '2', '--eps', '0', '0.1',
-             '--no_rfid', '--no_lpips', '--num_workers', '0', '--device', 'cpu']
+             '--rfid', 'false', '--lpips', 'false', '--num_workers', '0', '--device', 'cpu']
     error = cli_error(capsys, *flags, '--latent_stats', str(tmp_path / 'conv_dit.pt'), '--out', str(tmp_path / 'wrong.json'))
     assert f"describes the latents of {conv_file}, not of --autoencoder {vmae_file}" in error
-    evaluate.main([*flags, '--latent_stats', str(tmp_path / 'vmae_dit.pt'), '--out', str(tmp_path / 'right.json')])
+    paper_commands.main([*flags, '--latent_stats', str(tmp_path / 'vmae_dit.pt'), '--out', str(tmp_path / 'right.json')])
     assert json.loads((tmp_path / 'right.json').read_text())['autoencoders']['vmae']['latent_std'] == [1.0] * 16
 
 
@@ -116,7 +115,6 @@ def test_recognition_refuses_a_held_out_set_that_is_the_training_set(tmp_path, c
 
 def test_study_and_demo_take_no_arguments(tmp_path, capsys):
     import demo
-    import study
     for parse in (study.parse_args, demo.parse_args):
         with pytest.raises(SystemExit) as e:
             parse(['--bogus'])
@@ -139,8 +137,8 @@ def test_radar_names_the_json_of_another_command(tmp_path, capsys):
     kmeans = write_json(tmp_path / 'kmeans.json', {'autoencoders': {'a': [[[0, 1]]]}})
     for flags, message in (
             (['--recon', smooth], f"'{smooth}' is not what evaluate.py recon writes ('a' has no 'psnr')"),
-            (['--recon', recon, '--smoothness', recon], f"'{recon}' is not what evaluate.py smoothness writes ('a' has no 'eps')"),
-            (['--recon', recon, '--compression', kmeans], f"'{kmeans}' is not what evaluate.py compression writes ('a' has no 'sigma2')")):
+            (['--recon', recon, '--smoothness', recon], f"'{recon}' is not what python -m paper smoothness writes ('a' has no 'eps')"),
+            (['--recon', recon, '--compression', kmeans], f"'{kmeans}' is not what python -m paper compression writes ('a' has no 'sigma2')")):
         assert message in cli_error(capsys, 'radar', *flags), flags
 
 
@@ -162,7 +160,7 @@ def test_output_paths_that_cannot_be_written_are_refused_before_the_work(aes, tm
     (tmp_path / 'plot.png').mkdir()
     (tmp_path / 'a_file').write_text('')
     flags = ['--autoencoder', *aes, '--data', 'builtin', '--num_images', '2', '--device', 'cpu']
-    offline = ['--no_rfid', '--no_lpips', '--num_workers', '0']
+    offline = ['--rfid', 'false', '--lpips', 'false', '--num_workers', '0']
     assert f"--out {tmp_path / 'folder.json'} is a folder" in cli_error(capsys, 'recon', *flags, *offline, '--out', str(tmp_path / 'folder.json'))
     assert f"the plot {tmp_path / 'plot.png'} (beside {tmp_path / 'plot.json'}) is a folder" in \
         cli_error(capsys, 'smoothness', *flags, *offline, '--out', str(tmp_path / 'plot.json'))
@@ -189,7 +187,7 @@ def test_kmeans_refuses_autoencoders_of_different_patch_sizes(aes, tmp_path, cap
 
 def test_a_mistyped_command_names_the_commands(capsys):
     error = cli_error(capsys, 'kmean', '--autoencoder', 'x.pt', '--data', 'builtin')
-    assert error == f"error: unknown command 'kmean': choose one of {', '.join(evaluate.COMMANDS)} (or give fid's REF and SAMPLES)"
+    assert error == f"error: unknown command 'kmean': choose one of {', '.join(paper_commands.COMMANDS)}"
 
 
 @pytest.mark.parametrize('field, value', [('block_out_channels', '128'), ('block_out_channels', [32, 'x']), ('norm_num_groups', '8'),

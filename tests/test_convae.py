@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import convae
 import fileio
+from paper import convae
 
 
 def tiny(img_size=32, **kw):

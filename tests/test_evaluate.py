@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import adm
-import analyses
 import common
 import evaluate
 import metrics
+import paper.__main__ as paper_commands
 import vmae
 from data import BuiltinShapes, center_crop_arr, to_uint8
 from dit import read_latent_stats
 from inception import FID_WEIGHTS_URL, FIDInceptionV3, inception_weights_path, load_inception, resize_tf1_bilinear
 from vmae import VMAE_models, lpips_vgg
+from paper import analyses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def run_cli(*args):
 def cli_error(capsys, *args):
     """Run main() in-process (the same path as the command line) and return its one-line error."""
     with pytest.raises(SystemExit) as e:
-        evaluate.main(list(args))
+        (evaluate.main if args[0] in evaluate.COMMANDS else paper_commands.main)(list(args))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith('error: '), err
@@ -153,7 +153,7 @@ def test_inception_features(inception):
 
 def test_inception_load_errors(tmp_path, inception_file):
     sd = random_inception_state_dict()
-    with pytest.raises(ValueError, match='--allow-random-inception'):
+    with pytest.raises(ValueError, match='--allow_random_inception'):
         load_inception(inception_file)
     del sd['fc.bias']
     torch.save(sd, tmp_path / 'missing.pth')
@@ -394,27 +394,27 @@ def test_lpips_matches_the_network():
 def test_npz_streaming_and_checks(tmp_path):
     images = random_images(11, 8)
     np.savez(tmp_path / 'a.npz', images, np.arange(11))
-    src = adm.open_images(str(tmp_path / 'a.npz'))
+    src = evaluate.open_images(str(tmp_path / 'a.npz'))
     assert len(src) == 11 and src.stored_statistics() is None
     assert np.array_equal(np.concatenate(list(src.batches(3, 11, 4))), images[3:])
     np.savez(tmp_path / 'float.npz', images.astype(np.float32))
     np.savez(tmp_path / 'chw.npz', images.transpose(0, 3, 1, 2).copy())
     with pytest.raises(ValueError, match='uint8'):
-        adm.open_images(str(tmp_path / 'float.npz'))
+        evaluate.open_images(str(tmp_path / 'float.npz'))
     with pytest.raises(ValueError, match='channels first'):
-        adm.open_images(str(tmp_path / 'chw.npz'))
+        evaluate.open_images(str(tmp_path / 'chw.npz'))
 
 
 def test_folder_input(tmp_path):
     images = random_images(5, 24)
     for i, im in enumerate(images):
         Image.fromarray(im).save(tmp_path / f'{i:03d}.png')
-    src = adm.open_images(str(tmp_path))
+    src = evaluate.open_images(str(tmp_path))
     assert np.array_equal(np.concatenate(list(src.batches(0, 5, 2))), images)
     Image.fromarray(random_images(1, 30)[0]).save(tmp_path / '999.png')
-    with pytest.raises(ValueError, match='--image-size'):
-        list(adm.open_images(str(tmp_path)).batches(0, 6, 6))
-    cropped = np.concatenate(list(adm.open_images(str(tmp_path), image_size=16).batches(0, 6, 6)))
+    with pytest.raises(ValueError, match='--image_size'):
+        list(evaluate.open_images(str(tmp_path)).batches(0, 6, 6))
+    cropped = np.concatenate(list(evaluate.open_images(str(tmp_path), image_size=16).batches(0, 6, 6)))
     assert cropped.shape == (6, 16, 16, 3)
 
 
@@ -425,8 +425,8 @@ def test_statistics_only_reference(tmp_path, monkeypatch):
     np.savez(tmp_path / 'ref.npz', **stats)
     np.savez(tmp_path / 'samples.npz', random_images(5, 16))
     calls = []
-    monkeypatch.setattr(adm, 'frechet_distance', lambda *s: calls.append(s) or 1.0)
-    results, info = adm.evaluate_generation(adm.open_images(str(tmp_path / 'ref.npz')), adm.open_images(str(tmp_path / 'samples.npz')),
+    monkeypatch.setattr(evaluate, 'frechet_distance', lambda *s: calls.append(s) or 1.0)
+    results, info = evaluate.evaluate_generation(evaluate.open_images(str(tmp_path / 'ref.npz')), evaluate.open_images(str(tmp_path / 'samples.npz')),
                                                  FakeInception(), common.setup_distributed('cpu'), use_cache=False)
     assert results['precision'] is None and results['recall'] is None and results['IS'] > 0
     assert np.array_equal(calls[0][3], stats['sigma']) and np.array_equal(calls[1][3], stats['sigma_s'])
@@ -439,9 +439,9 @@ def test_statistics_cache(tmp_path):
     np.savez(path, images)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     fake, d = FakeInception(), common.setup_distributed('cpu')
-    first = adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
+    first = evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 2 and os.path.isfile(str(path) + '.inception_stats.npz')
-    second = adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
+    second = evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 2  # read from the sidecar
     for k in ('pool', 'logits', 'mu', 'sigma', 'mu_s', 'sigma_s'):
         np.testing.assert_array_equal(first[k], second[k])
@@ -449,12 +449,12 @@ def test_statistics_cache(tmp_path):
     np.testing.assert_allclose(first['mu'], first['pool'].astype(np.float64).mean(0))
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # the user's file is never rewritten
     fake.sha256 = 'e' * 64  # other weights: recompute
-    adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
+    evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 4
     np.savez(path, images[:5])  # other images: recompute
-    adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4)
+    evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4)
     assert fake.calls == 6
-    adm.inception_statistics(fake, adm.open_images(str(path)), d, batch_size=4, use_cache=False)
+    evaluate.inception_statistics(fake, evaluate.open_images(str(path)), d, batch_size=4, use_cache=False)
     assert fake.calls == 8
 
 # -----------------------------------------------------------------------------
@@ -471,10 +471,10 @@ def test_cli_end_to_end(tmp_path, inception_file, capsys):
     np.savez(tmp_path / 'samples.npz', random_images(5, 32, seed=3), **stats['samples'])
     before = hashlib.sha256((tmp_path / 'ref.npz').read_bytes()).hexdigest()
     out = tmp_path / 'metrics.json'
-    refused = cli_error(capsys, str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz'), '--inception', inception_file, '--device', 'cpu')
-    assert '--allow-random-inception' in refused and not os.path.exists(str(tmp_path / 'ref.npz') + '.inception_stats.npz')
-    done = run_cli(str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz'), '--inception', inception_file,
-                   '--allow-random-inception', '--device', 'cpu', '--out', str(out))
+    refused = cli_error(capsys, 'fid', str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz'), '--inception', inception_file, '--device', 'cpu')
+    assert '--allow_random_inception' in refused and not os.path.exists(str(tmp_path / 'ref.npz') + '.inception_stats.npz')
+    done = run_cli('fid', str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz'), '--inception', inception_file,
+                   '--allow_random_inception', '--device', 'cpu', '--out', str(out))
     assert done.returncode == 0, done.stderr
     for name in ('FID', 'sFID', 'IS', 'precision', 'recall'):
         assert name in done.stdout
@@ -497,17 +497,17 @@ def test_cli_errors(tmp_path, capsys, inception_file, vmae_file):
     np.savez(tmp_path / 'good.npz', random_images(4))
     np.savez(tmp_path / 'float.npz', random_images(4).astype(np.float32))
     torch.save({'foo': torch.zeros(1)}, tmp_path / 'not_vmae.pt')
-    good, flags = str(tmp_path / 'good.npz'), ['--inception', inception_file, '--allow-random-inception', '--device', 'cpu']
-    assert 'not found' in cli_error(capsys, str(tmp_path / 'missing.npz'), good, *flags)
-    assert 'neither arr_0' in cli_error(capsys, str(tmp_path / 'stats_only.npz'), good, *flags)
-    assert 'uint8' in cli_error(capsys, str(tmp_path / 'float.npz'), good, *flags)
-    assert 'not found' in cli_error(capsys, good, good, '--inception', str(tmp_path / 'nope.pth'))
-    assert 'not a FID Inception state dict' in cli_error(capsys, good, good, '--inception', vmae_file, '--allow-random-inception')
-    assert 'is not an autoencoder checkpoint' in cli_error(capsys, 'recon', '--vmae', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')
-    assert 'does not exist' in cli_error(capsys, 'recon', '--vmae', vmae_file, '--data', str(tmp_path / 'nowhere'))
-    assert 'no latent statistics' in cli_error(capsys, 'smoothness', '--vmae', vmae_file, '--data', 'builtin',
-                                               '--latent-stats', str(tmp_path / 'not_vmae.pt'), '--no-rfid', '--no-lpips')
-    result = run_cli('recon', '--vmae', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')  # a real process: one line, exit 2
+    good, flags = str(tmp_path / 'good.npz'), ['--inception', inception_file, '--allow_random_inception', '--device', 'cpu']
+    assert 'not found' in cli_error(capsys, 'fid', str(tmp_path / 'missing.npz'), good, *flags)
+    assert 'neither arr_0' in cli_error(capsys, 'fid', str(tmp_path / 'stats_only.npz'), good, *flags)
+    assert 'uint8' in cli_error(capsys, 'fid', str(tmp_path / 'float.npz'), good, *flags)
+    assert 'not found' in cli_error(capsys, 'fid', good, good, '--inception', str(tmp_path / 'nope.pth'))
+    assert 'not a FID Inception state dict' in cli_error(capsys, 'fid', good, good, '--inception', vmae_file, '--allow_random_inception')
+    assert 'is not an autoencoder checkpoint' in cli_error(capsys, 'recon', '--autoencoder', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')
+    assert 'does not exist' in cli_error(capsys, 'recon', '--autoencoder', vmae_file, '--data', str(tmp_path / 'nowhere'))
+    assert 'no latent statistics' in cli_error(capsys, 'smoothness', '--autoencoder', vmae_file, '--data', 'builtin',
+                                               '--latent_stats', str(tmp_path / 'not_vmae.pt'), '--rfid', 'false', '--lpips', 'false')
+    result = run_cli('recon', '--autoencoder', str(tmp_path / 'not_vmae.pt'), '--data', 'builtin')  # a real process: one line, exit 2
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
 
 class NarrowInception(FakeInception):
@@ -527,9 +527,9 @@ class NarrowInception(FakeInception):
 def test_cli_fid_command(tmp_path, inception_file, capsys, monkeypatch):
     """`evaluate.py fid REF SAMPLES` with its documented flags, end to end through the command line's path
     (the Inception given by --inception, narrow features): its JSON holds FID, sFID, IS, precision and recall
-    as computed here independently from the features; --no_cache writes no sidecar; a command without a
+    as computed here independently from the features; --cache false writes no sidecar; a command without a
     required flag says which."""
-    monkeypatch.setattr(adm, 'FEATURE_DIMS', NarrowInception.widths)
+    monkeypatch.setattr(evaluate, 'FEATURE_DIMS', NarrowInception.widths)
     loaded = []
 
     def load_narrow(path, device='cpu', allow_random=False):
@@ -541,7 +541,7 @@ def test_cli_fid_command(tmp_path, inception_file, capsys, monkeypatch):
     np.savez(tmp_path / 'samples.npz', sample_images)
     ref, samples = str(tmp_path / 'ref.npz'), str(tmp_path / 'samples.npz')
     evaluate.main(['fid', ref, samples, '--inception', inception_file, '--allow_random_inception', '--device', 'cpu',
-                   '--batch_size', '7', '--no_cache', '--pr_fp32', '--out', str(tmp_path / 'metrics.json')])
+                   '--batch_size', '7', '--cache', 'false', '--pr_fp32', '--out', str(tmp_path / 'metrics.json')])
     assert loaded == [(inception_file, True)]
     assert not os.path.exists(samples + '.inception_stats.npz') and not os.path.exists(ref + '.inception_stats.npz')
     results = json.loads((tmp_path / 'metrics.json').read_text())
@@ -564,7 +564,7 @@ def test_cli_fid_command(tmp_path, inception_file, capsys, monkeypatch):
     assert results['config']['cache'] is False and results['config']['batch_size'] == 7
     capsys.readouterr()  # the run's progress bars
     assert '--autoencoder' in cli_error(capsys, 'recon', '--data', 'builtin')
-    assert '--masks' in cli_error(capsys, 'compression', '--vmae', str(tmp_path / 'vmae.pt'), '--data', str(tmp_path))
+    assert '--masks' in cli_error(capsys, 'compression', '--autoencoder', str(tmp_path / 'vmae.pt'), '--data', str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -572,8 +572,8 @@ def test_cli_fid_command(tmp_path, inception_file, capsys, monkeypatch):
 
 def test_recon_cli_builtin(tmp_path, vmae_file, capsys):
     out = tmp_path / 'recon.json'
-    evaluate.main(['recon', '--vmae', vmae_file, '--data', 'builtin', '--num-images', '6', '--batch-size', '4',
-                   '--num-workers', '0', '--no-rfid', '--no-lpips', '--device', 'cpu', '--out', str(out)])
+    evaluate.main(['recon', '--autoencoder', vmae_file, '--data', 'builtin', '--num_images', '6', '--batch_size', '4',
+                   '--num_workers', '0', '--rfid', 'false', '--lpips', 'false', '--device', 'cpu', '--out', str(out)])
     assert 'PSNR' in capsys.readouterr().out
     results = json.loads(out.read_text())['autoencoders']['vmae_tiny']
     model = vmae.load_vmae(vmae_file)
@@ -585,7 +585,7 @@ def test_recon_cli_builtin(tmp_path, vmae_file, capsys):
     assert results['mse'] == pytest.approx(((recon / 255.0 - original / 255.0) ** 2).mean(), rel=1e-9)
     assert json.loads(out.read_text())['n_images'] == 6 and 'rfid' not in results and 'lpips' not in results
     # beside it, the bicubic thumbnail with no more numbers than the 16 x 4 x 4 latent: 9 x 9 x 3 = 243
-    thumbnails = analyses.thumbnail_reconstruction(original, 9)
+    thumbnails = evaluate.thumbnail_reconstruction(original, 9)
     assert results['latent_numbers'] == 256 and results['thumbnail']['side'] == 9
     assert results['thumbnail']['psnr'] == pytest.approx(metrics.psnr_per_image(original, thumbnails).mean())
 
@@ -595,8 +595,8 @@ def test_smoothness(tmp_path, vmae_file, monkeypatch):
     dataset = torch.utils.data.Subset(BuiltinShapes(32, split='val'), range(5))
     d, std = common.setup_distributed('cpu'), torch.linspace(0.5, 2.0, 16)
     fid_calls = []
-    monkeypatch.setattr(analyses, 'frechet_distance', lambda *stats: fid_calls.append(stats) or 1.0)
-    runs = [analyses.evaluate_reconstruction(model, dataset, d, (0.0, 0.3), std, batch_size=b, num_workers=0,
+    monkeypatch.setattr(evaluate, 'frechet_distance', lambda *stats: fid_calls.append(stats) or 1.0)
+    runs = [evaluate.evaluate_reconstruction(model, dataset, d, (0.0, 0.3), std, batch_size=b, num_workers=0,
                                              inception=FakeInception(), seed=3) for b in (2, 5)]
     for eps in (0.0, 0.3):  # per-image noise: the batch size does not matter
         assert runs[0][eps] == pytest.approx(runs[1][eps], rel=1e-5)
@@ -617,8 +617,8 @@ def test_smoothness(tmp_path, vmae_file, monkeypatch):
 
 def test_smoothness_cli(tmp_path, vmae_file, capsys):
     out = tmp_path / 'smooth.json'
-    evaluate.main(['smoothness', '--vmae', vmae_file, '--data', 'builtin', '--num-images', '4', '--eps', '0,0.1',
-                   '--num-workers', '0', '--no-rfid', '--no-lpips', '--device', 'cpu', '--out', str(out)])
+    paper_commands.main(['smoothness', '--autoencoder', vmae_file, '--data', 'builtin', '--num_images', '4', '--eps', '0', '0.1',
+                   '--num_workers', '0', '--rfid', 'false', '--lpips', 'false', '--device', 'cpu', '--out', str(out)])
     assert 'measured on the posterior samples' in capsys.readouterr().out
     results = json.loads(out.read_text())['autoencoders']['vmae_tiny']
     assert set(results['eps']) == {'0', '0.1'} and len(results['latent_std']) == 16
@@ -719,7 +719,7 @@ def shard_worker(rank, world_size, port, npz_path, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (as DataLoader workers)
     d = common.setup_distributed('cpu')
-    feats = adm.extract_features(FakeInception(), adm.open_images(npz_path), d, batch_size=2)  # shards (0, 2), (2, 5)
+    feats = evaluate.extract_features(FakeInception(), evaluate.open_images(npz_path), d, batch_size=2)  # shards (0, 2), (2, 5)
     np.save(os.path.join(out_dir, f'pool{rank}.npy'), feats['pool'])
     common.cleanup_distributed()
 
@@ -732,7 +732,7 @@ def test_ddp_features_in_input_order(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.start_processes(shard_worker, args=(2, port, str(tmp_path / 'x.npz'), str(tmp_path)), nprocs=2,
                                           start_method='fork')  # fork: no re-import of torch in the workers
-    single = adm.extract_features(FakeInception(), adm.open_images(str(tmp_path / 'x.npz')),
+    single = evaluate.extract_features(FakeInception(), evaluate.open_images(str(tmp_path / 'x.npz')),
                                        common.setup_distributed('cpu'), batch_size=2)
     for rank in range(2):  # every rank holds all features, in input order
         np.testing.assert_allclose(np.load(tmp_path / f'pool{rank}.npy'), single['pool'], atol=1e-5)

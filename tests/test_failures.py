@@ -104,18 +104,16 @@ def test_a_wrong_checkpoint_given_to_each_script(tmp_path):
     cases = {
         'train_vmae --init_from': (['train_vmae.py', '--init_from', str(tmp_path / 'dit.pt'), '--model', 'VMAE-tiny',
                                      '--image_size', '32', '--out_dir', out], 'is not a VMAE checkpoint'),
-        'train_vmae --init_from (ConvAE)': (['train_vmae.py', '--init_from', str(tmp_path / 'vmae.pt'), '--model', 'ConvAE-tiny',
-                                             '--mask_ratio', '0', '--image_size', '32', '--out_dir', out],
-                                            "is not a convolutional autoencoder checkpoint: expected one with kind 'convae'"),
+        'train_convae --init_from': (['-m', 'paper.train_convae', '--init_from', str(tmp_path / 'vmae.pt'), '--model', 'ConvAE-tiny',
+                                      '--image_size', '32', '--out_dir', out],
+                                     "is not a convolutional autoencoder checkpoint: expected one with kind 'convae'"),
         'train_dit --autoencoder': (['train_dit.py', '--autoencoder', str(tmp_path / 'dit.pt'), '--out_dir', out],
-                                    "is not an autoencoder checkpoint: expected a VMAE"),
-        'train_dit --vmae (the old spelling)': (['train_dit.py', '--vmae', str(tmp_path / 'dit.pt'), '--out_dir', out],
-                                                "found kind 'dit'"),
+                                    "is not an autoencoder checkpoint: expected one of the kinds vmae, convae"),
         'sample --dit': (['sample.py', '--dit', str(tmp_path / 'vmae.pt'), '--class', '0'], "found a checkpoint of kind 'vmae'"),
         'sample --dit (text)': (['sample.py', '--dit', str(tmp_path / 'notes.txt'), '--class', '0'], 'cannot read'),
         'evaluate recon --autoencoder': (['evaluate.py', 'recon', '--autoencoder', str(tmp_path / 'notes.txt'), '--data', 'builtin'],
                                          'not a PyTorch checkpoint'),
-        'evaluate smoothness --autoencoder': (['evaluate.py', 'smoothness', '--autoencoder', str(tmp_path / 'dit.pt'), '--data', 'builtin'],
+        'paper smoothness --autoencoder': (['-m', 'paper', 'smoothness', '--autoencoder', str(tmp_path / 'dit.pt'), '--data', 'builtin'],
                                               "is not an autoencoder checkpoint"),
     }
     results = scripts_at_once(*(args for args, _ in cases.values()))
@@ -131,5 +129,5 @@ def test_resume_refuses_a_checkpoint_of_the_other_stage(tmp_path):
     before = (tmp_path / 'run' / 'last.pt').read_bytes()
     error = one_line_error(script('train_vmae.py', '--resume', '--model', 'VMAE-tiny', '--image_size', '32',
                                   '--out_dir', str(tmp_path / 'run')))
-    assert "is a 'dit' checkpoint, and this run trains a 'vmae' model" in error
+    assert "is not a train_vmae.py run's checkpoint: choose the --out_dir of such a run" in error
     assert (tmp_path / 'run' / 'last.pt').read_bytes() == before

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import analyses
-import convae
 import data
 import evaluate
 import metrics
+import paper.__main__ as paper_commands
 import vmae
+from paper import analyses, convae, study
 
 
 def test_builtin_masks_are_the_drawn_shapes():
@@ -84,7 +84,7 @@ def two_autoencoders(tmp_path_factory):
 def test_every_figure_for_two_autoencoders(two_autoencoders, tmp_path, capsys):
     aes = [str(two_autoencoders / 'vmae' / 'last.pt'), str(two_autoencoders / 'conv' / 'last.pt')]
     common = ['--autoencoder', *aes, '--data', 'builtin', '--num_images', '8', '--device', 'cpu']
-    offline = ['--no_rfid', '--no_lpips', '--num_workers', '0']
+    offline = ['--rfid', 'false', '--lpips', 'false', '--num_workers', '0']
     out = lambda name: str(tmp_path / f'{name}.json')
     evaluate.main(['recon', *common, *offline, '--out', out('recon')])
     table = capsys.readouterr().out
@@ -98,10 +98,10 @@ def test_every_figure_for_two_autoencoders(two_autoencoders, tmp_path, capsys):
         for name, model in models.items():  # each from its posterior means, on the first 8 held-out images
             reconstructed = data.to_uint8(model.decode(model.encode(x).mean)).numpy()
             assert recon[name]['psnr'] == pytest.approx(metrics.psnr_per_image(reconstructed, data.to_uint8(x).numpy()).mean(), rel=1e-6), name
-    evaluate.main(['smoothness', *common, *offline, '--eps', '0', '0.5', '--out', out('smoothness')])
+    paper_commands.main(['smoothness', *common, *offline, '--eps', '0', '0.5', '--out', out('smoothness')])
     smooth = json.load(open(out('smoothness')))['autoencoders']
     assert 'posterior samples' in smooth['vmae']['latent_std_source'] and 'posterior means' in smooth['conv']['latent_std_source']
-    evaluate.main(['compression', *common, '--masks', 'builtin', '--out', out('compression')])
+    paper_commands.main(['compression', *common, '--masks', 'builtin', '--out', out('compression')])
     compression = json.load(open(out('compression')))
     assert compression['n_images'] == 8 and set(compression['autoencoders']) == {'vmae', 'conv'}
     # sigma^2 and rho of the tokens (posterior means, row-major) and of the raw 8x8 pixel patches, each token labelled
@@ -115,13 +115,13 @@ def test_every_figure_for_two_autoencoders(two_autoencoders, tmp_path, capsys):
         row = compression['pixel'] if name == 'pixel' else compression['autoencoders'][name]
         assert [row[k] for k in ('sigma2', 'rho', 'n_rho')] == pytest.approx([expected[k] for k in ('sigma2', 'rho', 'n_rho')], rel=1e-4), name
     assert compression['pixel']['rho'] > 1  # raw pixels tell a shape from its background
-    evaluate.main(['kmeans', *common, '--images', '0', '5', '--ks', '2', '4', '--out', out('kmeans')])
+    paper_commands.main(['kmeans', *common, '--images', '0', '5', '--ks', '2', '4', '--out', out('kmeans')])
     maps = json.load(open(out('kmeans')))['autoencoders']
     assert [len(maps['conv']), len(maps['conv'][0]), len(maps['conv'][0][1])] == [2, 2, 16] and max(maps['vmae'][1][1]) <= 3
-    evaluate.main(['projection', *common, '--masks', 'builtin', '--image', '2', '--out', out('projection')])
+    paper_commands.main(['projection', *common, '--masks', 'builtin', '--image', '2', '--out', out('projection')])
     panel = json.load(open(out('projection')))['autoencoders']['conv']
     assert len(panel['xy']) == len(panel['labels']) == 16 and panel['sigma2'] == pytest.approx(compression['autoencoders']['conv']['sigma2'])
-    evaluate.main(['radar', '--recon', out('recon'), '--smoothness', out('smoothness'), '--compression', out('compression')])
+    paper_commands.main(['radar', '--recon', out('recon'), '--smoothness', out('smoothness'), '--compression', out('compression')])
     radar = json.load(open(tmp_path / 'radar.json'))
     assert list(radar['scores']) == ['smoothness', 'compression', 'PSNR']  # no perceptual axis: rFID and LPIPS were skipped
     assert sorted(radar['rescaled']['PSNR'].values()) == [0.2, 1.0]
@@ -138,14 +138,15 @@ def test_figure_inputs_fail_in_one_line(two_autoencoders, tmp_path, capsys):
         (['compression', '--autoencoder', vmae_file, '--data', str(tmp_path), '--masks', 'builtin'], '--data builtin --masks builtin together'),
         (['recon', '--autoencoder', vmae_file, vmae_file, '--names', 'a', '--data', 'builtin'], '--names gives 1 names for 2'),
         (['smoothness', '--autoencoder', vmae_file, vmae_file, '--data', 'builtin', '--latent_stats', 'x.pt'], 'belongs to one autoencoder'),
-        (['kmeans', '--autoencoder', vmae_file, '--data', 'builtin', '--ks', '0'], '--ks must be at least 1'),
+        (['kmeans', '--autoencoder', vmae_file, '--data', 'builtin', '--ks', '0'], '--ks needs one or more values, each at least 1'),
         (['radar', '--recon', str(tmp_path / 'none.json')], 'none.json'),
-        (['radar'], 'needs --recon'),
+        (['radar'], 'python -m paper radar needs --recon'),
         (['radar', '--recon', str(tmp_path / 'fid.json')], "is not what evaluate.py recon writes (no 'autoencoders')"),
         (['radar', '--recon', str(tmp_path / 'notes.json')], 'is not a JSON file'),
     ]:
         with pytest.raises(SystemExit) as e:
-            evaluate.main([*argv, '--device', 'cpu'] if argv[0] != 'radar' else argv)
+            run = evaluate.main if argv[0] == 'recon' else paper_commands.main
+            run([*argv, '--device', 'cpu'] if argv[0] != 'radar' else argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (argv, err)
 
@@ -153,7 +154,6 @@ def test_figure_inputs_fail_in_one_line(two_autoencoders, tmp_path, capsys):
 def test_the_study_wires_every_figure_and_states_the_orderings(two_autoencoders, tmp_path, monkeypatch, capsys):
     """study.py with its five trainings replaced by random tiny models and few images: every figure is
     written and each of the paper's orderings is reported as holding or not."""
-    import study
     ckpts = {'vmae': str(two_autoencoders / 'vmae' / 'last.pt'), **{n: str(two_autoencoders / 'conv' / 'last.pt') for n in study.BASELINES}}
     monkeypatch.setattr(study, 'train_all', lambda: ckpts)
     monkeypatch.setattr(study, 'OUT', str(tmp_path))

@@ -163,7 +163,7 @@ class DriveTo(torch.nn.Module):
 
 
 def test_generate_decodes_destandardised_samples():
-    """autoencoders.generate decodes the sampler's standardised latents times std plus mean."""
+    """sample.generate decodes the sampler's standardised latents times std plus mean."""
     target = torch.randn(3, C, 4, 4, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     vae = vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=False).eval()
@@ -174,7 +174,7 @@ def test_generate_decodes_destandardised_samples():
             seen.append(z)
             return vae.decode(z)
     labels = [2, 0, 2]
-    images = autoencoders.generate(DriveTo(target), Recording(), STATS, labels, [0, 1, 2], seed=0, steps=5)
+    images = sample.generate(DriveTo(target), Recording(), STATS, labels, [0, 1, 2], 0, dict(steps=5))
     expected_latents = by_hand_destandardise(target[labels])
     torch.testing.assert_close(seen[0], expected_latents, rtol=1e-5, atol=1e-5)
     with torch.no_grad():

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import analyses
 import autoencoders
 import data
-import evaluate
 import fileio
+import paper.__main__ as paper_commands
 import sample
 import train_dit
 import vmae
+from paper import judges
 from test_train_dit import config, make_images_and_vmae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +76,7 @@ def test_fid_npz_is_exact_balanced_and_independent_of_batching(trained, tmp_path
 
 def test_two_gpus_worth_of_ranks_write_the_same_npz(trained, tmp_path):
     ckpt = str(trained / 'dit' / 'last.pt')
-    flags = ['--dit', ckpt, '--num-fid-samples', '7', '--batch-size', '2', '--steps', '3', '--device', 'cpu']
+    flags = ['--dit', ckpt, '--num_fid_samples', '7', '--batch_size', '2', '--steps', '3', '--device', 'cpu']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     for name, launcher in (('one', []), ('two', ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'])):
         result = subprocess.run([sys.executable, *launcher, 'sample.py', *flags, '--out', str(tmp_path / f'{name}.npz')],
@@ -93,8 +93,8 @@ def test_authors_dit_with_their_latent_stats(trained, tmp_path):
     with pytest.raises(ValueError, match='no latent statistics'):
         sample.load_models(sample.parse_args(['--dit', str(tmp_path / 'theirs.pt')]), 'cpu')
     with pytest.raises(ValueError, match='no autoencoder to decode with'):
-        sample.load_models(sample.parse_args(['--dit', str(tmp_path / 'theirs.pt'), '--latent-stats', str(tmp_path / 'latents_stats.pt')]), 'cpu')
-    run_sample('--dit', str(tmp_path / 'theirs.pt'), '--latent-stats', str(tmp_path / 'latents_stats.pt'), '--vmae', str(trained / 'vmae.pt'),
+        sample.load_models(sample.parse_args(['--dit', str(tmp_path / 'theirs.pt'), '--latent_stats', str(tmp_path / 'latents_stats.pt')]), 'cpu')
+    run_sample('--dit', str(tmp_path / 'theirs.pt'), '--latent_stats', str(tmp_path / 'latents_stats.pt'), '--autoencoder', str(trained / 'vmae.pt'),
                '--class', '1', '--n', '2', '--steps', '3', '--out', str(tmp_path / 'theirs.png'))
     run_sample('--dit', str(trained / 'dit' / 'last.pt'), '--class', '1', '--n', '2', '--steps', '3', '--out', str(tmp_path / 'ours.png'))
     assert np.array_equal(grid(tmp_path / 'theirs.png')[:, -70:], grid(tmp_path / 'ours.png')[:, -70:])
@@ -126,7 +126,7 @@ def test_bad_input_is_one_clear_line(trained, tmp_path):
              (['--dit', ckpt], 'this DiT is class-conditional: pass --class'),
              (['--dit', str(tmp_path / 'missing.pt'), '--class', '0'], 'missing.pt not found: pass --dit'),
              (['--dit', str(trained / 'vmae.pt'), '--class', '0'], "found a checkpoint of kind 'vmae'"),
-             (['--dit', ckpt, '--class', '0', '--vmae', str(tmp_path / 'vmae8.pt')], 'makes latents of shape (8, 4, 4)'),
+             (['--dit', ckpt, '--class', '0', '--autoencoder', str(tmp_path / 'vmae8.pt')], 'makes latents of shape (8, 4, 4)'),
              (['--dit', ckpt, '--class', '0', '--cfg_channels', '99'], "--cfg_channels 99 is more than the DiT's 16 latent channels"),
              (['--dit', ckpt, '--num_fid_samples', '4', '--out', str(tmp_path / 'x.png')], 'x.png must end in .npz'),
              (['--dit', ckpt, '--class', '0', '--out', str(tmp_path / 'grid')], 'grid must end in .png or .jpg or .jpeg'),
@@ -151,13 +151,13 @@ def test_unconditional_dit_samples_without_guidance_by_default(trained, tmp_path
     images = sample.generate(model, vae, stats, [0, 0], [0, 1], 0, dict(steps=3, cfg_scale=1.0))
     data.save_grid(images, str(tmp_path / 'expected.png'), ncol=2, upscale=4)
     assert np.abs(grid(tmp_path / 'u.png').astype(int) - grid(tmp_path / 'expected.png').astype(int)).max() <= 1
-    result = cli('--dit', ckpt, '--cfg-scale', '4', '--steps', '2', '--out', str(tmp_path / 'x.png'))
+    result = cli('--dit', ckpt, '--cfg_scale', '4', '--steps', '2', '--out', str(tmp_path / 'x.png'))
     assert result.returncode == 2 and 'cannot be guided: use --cfg_scale 1' in result.stderr
 
 
 def test_solver_study_cli(trained, tmp_path):
     out = tmp_path / 'solvers.json'
-    evaluate.main(['solvers', '--dit', str(trained / 'dit' / 'last.pt'), '--num_samples', '3', '--reference_steps', '30',
+    paper_commands.main(['solvers', '--dit', str(trained / 'dit' / 'last.pt'), '--num_samples', '3', '--reference_steps', '30',
                    '--out', str(out)])
     result = json.loads(out.read_text())
     assert [(r['solver'], r['steps']) for r in result['rows']] == [('euler', n) for n in (10, 25, 50, 100, 250)] + \
@@ -167,16 +167,16 @@ def test_solver_study_cli(trained, tmp_path):
 
 
 def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tmp_path, capsys, monkeypatch):
-    judges, judged, train_judge = [], [], analyses.train_classifier
+    kept, judged, train_judge = [], [], judges.train_classifier
 
     def kept_judge(*args, **kwargs):  # the judge kept for the checks below, with what it is shown; 200 steps (not 1000) learn brightness
-        judges.append(train_judge(*args, **{**kwargs, 'steps': 200}))
-        judges[-1].register_forward_pre_hook(lambda module, inputs: judged.append(inputs[0].detach().clone()))
-        return judges[-1]
-    monkeypatch.setattr(analyses, 'train_classifier', kept_judge)
+        kept.append(train_judge(*args, **{**kwargs, 'steps': 200}))
+        kept[-1].register_forward_pre_hook(lambda module, inputs: judged.append(inputs[0].detach().clone()))
+        return kept[-1]
+    monkeypatch.setattr(judges, 'train_classifier', kept_judge)
     held_out_folder = make_images_and_vmae(tmp_path / 'held_out', per_class=4, seed=1) / 'images'   # other images, same classes
     out = tmp_path / 'recognition.json'
-    evaluate.main(['recognition', '--dit', str(trained / 'dit' / 'last.pt'), '--data', str(trained / 'images'),
+    paper_commands.main(['recognition', '--dit', str(trained / 'dit' / 'last.pt'), '--data', str(trained / 'images'),
                    '--held_out', str(held_out_folder), '--num_samples', '6', '--steps', '3', '--out', str(out)])
     result = json.loads(out.read_text())
     assert result['classes'] == ['class0', 'class1', 'class2'] and len(result['samples']) == 3
@@ -184,7 +184,7 @@ def test_recognition_cli_judges_samples_against_held_out_real_images(trained, tm
     assert result['real_mean'] > 0.9
     # every rate is what the trained judge (kept here) says of the images made by hand: the held-out images'
     # reconstructions from their posterior means, and samples i = 0..5 of class i % 3 (noise seed 1, 3 steps)
-    judge = judges[0]
+    judge = kept[0]
     model, stats, vae = autoencoders.load_generator(str(trained / 'dit' / 'last.pt'))
     held_out = data.ImageFolder(str(held_out_folder), 32)
     x, y = torch.stack([held_out[i][0] for i in range(len(held_out))]), torch.tensor([held_out[i][1] for i in range(len(held_out))])
@@ -210,5 +210,5 @@ def test_recognition_cli_refuses_what_it_cannot_judge(trained, tmp_path, capsys)
     for flags, message in ((['--data', str(trained / 'images')], 'needs --held_out'),
                            (['--data', str(trained / 'images'), '--held_out', str(other)], 'not those the DiT was trained on')):
         with pytest.raises(SystemExit):
-            evaluate.main(['recognition', '--dit', ckpt, *flags])
+            paper_commands.main(['recognition', '--dit', ckpt, *flags])
         assert message in capsys.readouterr().err

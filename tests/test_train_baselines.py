@@ -1,4 +1,4 @@
-"""The convolutional baselines (AE, DAE, VAE, SD-VAE) in train_vmae.py, and a convolutional autoencoder
+"""The convolutional baselines (AE, DAE, VAE, SD-VAE) in paper/train_convae.py, and a convolutional autoencoder
 through every later stage: latent extraction and DiT training, sample.py, evaluate.py recon.
 Run: python -m pytest tests/test_train_baselines.py"""
 
@@ -14,7 +14,6 @@ from PIL import Image
 
 import autoencoders
 import common
-import convae
 import data
 import dit
 import evaluate
@@ -23,6 +22,7 @@ import metrics
 import sample
 import train_dit
 import train_vmae
+from paper import convae, train_convae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--model', 'ConvAE-tiny', '--batch_size', '8', '--micro_batch_size', '4', '--num_workers', '0', '--device', 'cpu',
@@ -30,8 +30,8 @@ TINY = ['--model', 'ConvAE-tiny', '--batch_size', '8', '--micro_batch_size', '4'
 
 
 def baseline(name, out_dir, *flags):
-    """configs/<name>_small.py on ConvAE-tiny, with a short schedule."""
-    return common.parse_config(train_vmae.Config, [os.path.join(ROOT, 'configs', f'{name}_small.py'), *TINY,
+    """paper/configs/<name>_small.py on ConvAE-tiny, with a short schedule."""
+    return common.parse_config(train_convae.Config, [os.path.join(ROOT, 'paper', 'configs', f'{name}_small.py'), *TINY,
                                                    '--out_dir', str(out_dir), *flags])
 
 
@@ -46,7 +46,7 @@ def checkpoint(out_dir):
 @pytest.mark.parametrize('name, terms', [('ae', {'rec'}), ('dae', {'rec'}), ('vae', {'rec', 'kl'}),
                                          ('sdvae', {'rec', 'kl', 'g_loss', 'd_weight', 'd_loss'})])
 def test_each_baseline_config_trains_its_objective(tmp_path, name, terms):
-    train_vmae.main(baseline(name, tmp_path, '--max_steps', '4', '--disc_start', '2'))
+    train_convae.main(baseline(name, tmp_path, '--max_steps', '4', '--disc_start', '2'))
     rows = log_rows(tmp_path)
     assert terms <= set(rows[-1]) and not {'mse_masked', 'mse_visible'} & set(rows[-1]), rows[-1]
     ckpt = checkpoint(tmp_path)
@@ -57,7 +57,7 @@ def test_each_baseline_config_trains_its_objective(tmp_path, name, terms):
 
 
 def test_a_tiny_ae_learns(tmp_path):
-    train_vmae.main(baseline('ae', tmp_path, '--max_steps', '60', '--ckpt_every', '60', '--blr', '0.05'))
+    train_convae.main(baseline('ae', tmp_path, '--max_steps', '60', '--ckpt_every', '60', '--blr', '0.05'))
     curve = [r['loss'] for r in log_rows(tmp_path)]
     assert len(curve) == 60 and sum(curve[-5:]) < 0.5 * sum(curve[:5]), curve
 
@@ -65,10 +65,10 @@ def test_a_tiny_ae_learns(tmp_path):
 def test_sdvae_resumes_exactly_with_its_discriminator(tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 more: autoencoder, discriminator (BatchNorm statistics
     included) and both optimizers, with the discriminator on from step 2."""
-    train_vmae.main(baseline('sdvae', tmp_path / 'straight', '--max_steps', '6', '--disc_start', '2'))
-    train_vmae.main(baseline('sdvae', tmp_path / 'split', '--max_steps', '6', '--disc_start', '2', '--stop_epoch', str(3 / 1250)))
+    train_convae.main(baseline('sdvae', tmp_path / 'straight', '--max_steps', '6', '--disc_start', '2'))
+    train_convae.main(baseline('sdvae', tmp_path / 'split', '--max_steps', '6', '--disc_start', '2', '--stop_epoch', str(3 / 1250)))
     assert checkpoint(tmp_path / 'split')['step'] == 3
-    train_vmae.main(baseline('sdvae', tmp_path / 'split', '--max_steps', '6', '--disc_start', '2', '--resume'))
+    train_convae.main(baseline('sdvae', tmp_path / 'split', '--max_steps', '6', '--disc_start', '2', '--resume'))
     a, b = checkpoint(tmp_path / 'straight'), checkpoint(tmp_path / 'split')
     for key in ('model', 'discriminator'):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
@@ -84,9 +84,9 @@ def test_two_process_ddp_with_the_discriminator_matches_one_process(tmp_path):
     is smooth (L1's sign flips with rounding, and Adam turns that into whole steps). The attention key biases are
     not compared: their gradient is zero (softmax ignores a shift of every score), so Adam amplifies rounding."""
     def train(out_dir, *launcher):
-        flags = [os.path.join(ROOT, 'configs', 'sdvae_small.py'), *TINY, '--batch_size', '4', '--micro_batch_size', '1', '--max_steps', '3',
+        flags = [os.path.join(ROOT, 'paper', 'configs', 'sdvae_small.py'), *TINY, '--batch_size', '4', '--micro_batch_size', '1', '--max_steps', '3',
                  '--disc_start', '1', '--sample_posterior', 'false', '--pixel_loss', 'mse', '--out_dir', str(out_dir)]
-        result = subprocess.run([sys.executable, *launcher, 'train_vmae.py', *flags], cwd=ROOT, capture_output=True, text=True,
+        result = subprocess.run([sys.executable, *launcher, '-m', 'paper.train_convae', *flags], cwd=ROOT, capture_output=True, text=True,
                                 timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
         assert result.returncode == 0, result.stderr
         return checkpoint(out_dir)
@@ -103,30 +103,30 @@ def test_two_process_ddp_with_the_discriminator_matches_one_process(tmp_path):
 
 
 def test_the_discriminator_waits_for_disc_start(tmp_path):
-    train_vmae.main(baseline('sdvae', tmp_path, '--max_steps', '5', '--disc_start', '3', '--ckpt_every', '3', '--stop_epoch', str(3 / 1250)))
+    train_convae.main(baseline('sdvae', tmp_path, '--max_steps', '5', '--disc_start', '3', '--ckpt_every', '3', '--stop_epoch', str(3 / 1250)))
     before = checkpoint(tmp_path)
     assert before['disc_optimizer']['state'] == {}                                          # never stepped
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in before['discriminator'].items() if k.endswith('running_mean'))
-    train_vmae.main(baseline('sdvae', tmp_path, '--max_steps', '5', '--disc_start', '3', '--resume'))
+    train_convae.main(baseline('sdvae', tmp_path, '--max_steps', '5', '--disc_start', '3', '--resume'))
     after = checkpoint(tmp_path)
     assert after['disc_optimizer']['state'][0]['step'].item() == 2                          # steps 3 and 4
     assert not torch.equal(after['discriminator']['main.0.weight'], before['discriminator']['main.0.weight'])
 
 
 def test_resume_refuses_a_run_of_the_other_family(tmp_path):
-    train_vmae.main(baseline('ae', tmp_path, '--max_steps', '1'))
-    with pytest.raises(ValueError, match="is a 'convae' checkpoint, and this run trains a 'vmae' model"):
-        train_vmae.main(baseline('ae', tmp_path, '--max_steps', '2', '--model', 'VMAE-tiny', '--resume'))
+    train_convae.main(baseline('ae', tmp_path, '--max_steps', '1'))
+    with pytest.raises(ValueError, match="is not a train_vmae.py run's checkpoint"):
+        train_vmae.main(common.parse_config(train_vmae.Config, ['--model', 'VMAE-tiny', '--out_dir', str(tmp_path), '--resume']))
 
 
 def test_a_convolutional_autoencoder_through_every_stage(tmp_path, capsys):
-    """train_vmae (a VAE) -> train_dit (latents from the posterior mean) -> sample.py grid -> evaluate.py recon."""
+    """train_convae (a VAE) -> train_dit (latents from the posterior mean) -> sample.py grid -> evaluate.py recon."""
     rng = np.random.default_rng(0)
     for c in range(2):
         (tmp_path / 'images' / f'class{c}').mkdir(parents=True)
         for i in range(8):
             Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) // (c + 1)).save(tmp_path / 'images' / f'class{c}' / f'{i}.png')
-    train_vmae.main(baseline('vae', tmp_path / 'ae', '--max_steps', '2', '--data', str(tmp_path / 'images')))
+    train_convae.main(baseline('vae', tmp_path / 'ae', '--max_steps', '2', '--data', str(tmp_path / 'images')))
     ae = str(tmp_path / 'ae' / 'last.pt')
     train_dit.main(common.parse_config(train_dit.Config, [
         '--data', str(tmp_path / 'images'), '--image_size', '32', '--autoencoder', ae, '--out_dir', str(tmp_path / 'dit'),
@@ -148,7 +148,7 @@ def test_a_convolutional_autoencoder_through_every_stage(tmp_path, capsys):
     data.save_grid(images, str(tmp_path / 'expected.png'), ncol=2, row_labels=['class0', 'class1'], upscale=4)
     written, expected = (np.asarray(Image.open(p)).astype(int) for p in (grid, tmp_path / 'expected.png'))
     assert written.shape == expected.shape and np.abs(written - expected).max() <= 1
-    evaluate.main(['recon', '--autoencoder', ae, '--data', str(tmp_path / 'images'), '--no_rfid', '--no_lpips', '--num_workers', '0',
+    evaluate.main(['recon', '--autoencoder', ae, '--data', str(tmp_path / 'images'), '--rfid', 'false', '--lpips', 'false', '--num_workers', '0',
                    '--device', 'cpu'])
     assert 'ConvAE' in capsys.readouterr().out
     results = json.load(open(ae + '.recon.json'))

@@ -41,7 +41,7 @@ def losses(out_dir):
 def test_parse_config_files_and_flags(tmp_path):
     cfg_file = tmp_path / 'stage.py'
     cfg_file.write_text("# a comment\nimage_size = 256\nmask_ratio = 0\nmodel = 'VMAE-small'\ncompile = True\n")
-    cfg = common.parse_config(train_vmae.Config, [str(cfg_file), '--mask-ratio=0.5', '--blr', '2e-4', '--compile=false', '--resume'])
+    cfg = common.parse_config(train_vmae.Config, [str(cfg_file), '--mask_ratio=0.5', '--blr', '2e-4', '--compile=false', '--resume'])
     assert (cfg.image_size, cfg.mask_ratio, cfg.model, cfg.blr, cfg.compile, cfg.resume) == (256, 0.5, 'VMAE-small', 2e-4, False, True)
     assert isinstance(cfg.mask_ratio, float)
     for bad, message in [("lr_typo = 1\n", 'unknown setting'), ("image_size = 'big'\n", 'must be int'),
@@ -56,16 +56,16 @@ def test_parse_config_files_and_flags(tmp_path):
 
 
 def test_lr_schedule():
-    assert train_vmae.lr_at(0, 1.0, 0.0, 10, 110) == 0.0
-    assert train_vmae.lr_at(5, 1.0, 0.0, 10, 110) == pytest.approx(0.5)
-    assert train_vmae.lr_at(10, 1.0, 0.0, 10, 110) == pytest.approx(1.0)
-    assert train_vmae.lr_at(60, 1.0, 0.0, 10, 110) == pytest.approx(0.5)
-    assert train_vmae.lr_at(110, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
+    assert common.cosine_lr(0, 1.0, 0.0, 10, 110) == 0.0
+    assert common.cosine_lr(5, 1.0, 0.0, 10, 110) == pytest.approx(0.5)
+    assert common.cosine_lr(10, 1.0, 0.0, 10, 110) == pytest.approx(1.0)
+    assert common.cosine_lr(60, 1.0, 0.0, 10, 110) == pytest.approx(0.5)
+    assert common.cosine_lr(110, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
 
 
 def test_weight_decay_only_on_matrices():
     model = vmae.VMAE_models['VMAE-tiny'](img_size=32, mask_token=True)
-    opt = train_vmae.make_optimizer(model, 1e-3, train_vmae.Config())
+    opt = common.adamw(model, 1e-3, (0.9, 0.95), 0.05)
     decayed = {id(p) for p in opt.param_groups[0]['params']}
     assert id(model.mask_token) in decayed and id(model.blocks[0].attn.qkv.weight) in decayed
     assert id(model.blocks[0].attn.qkv.bias) not in decayed and id(model.norm.weight) not in decayed

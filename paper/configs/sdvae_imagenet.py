@@ -1,14 +1,13 @@
 # The SD-VAE baseline at the paper's scale: LDM's kl-f8 objective on SD3's autoencoder. L1 + LPIPS +
 # 1e-6 x KL on posterior samples; from step 50001 a PatchGAN (hinge loss, adaptive weight x 0.5).
 # Global batch 256 for the adversarial training and base lr 1e-5 (App. B.1), constant as LDM's:
-#   torchrun --standalone --nproc_per_node=8 train_vmae.py configs/sdvae_imagenet.py --data /data/imagenet/train
+#   torchrun --standalone --nproc_per_node=8 -m paper.train_convae paper/configs/sdvae_imagenet.py --data /data/imagenet/train
 image_size = 256
 model = 'SD3-VAE'
 out_dir = 'out/sdvae'
-mask_ratio = 0.0
 sample_posterior = True
 pixel_loss = 'l1'
-visible_weight = 1.0
+pixel_weight = 1.0
 perceptual_weight = 1.0
 kl_weight = 1e-6
 kl_standard = True

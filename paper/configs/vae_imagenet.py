@@ -1,13 +1,12 @@
 # The VAE baseline at the paper's scale: ae_imagenet.py decoding a posterior sample, plus 0.01 x the
 # textbook KL to N(0, I) (a Gaussian decoder of std 0.07; see vae_small.py for the choice):
-#   torchrun --standalone --nproc_per_node=8 train_vmae.py configs/vae_imagenet.py --data /data/imagenet/train
+#   torchrun --standalone --nproc_per_node=8 -m paper.train_convae paper/configs/vae_imagenet.py --data /data/imagenet/train
 image_size = 256
 model = 'SD3-VAE'
 out_dir = 'out/vae'
-mask_ratio = 0.0
 sample_posterior = True
 pixel_loss = 'mse'
-visible_weight = 1.0
+pixel_weight = 1.0
 perceptual_weight = 0.0
 kl_weight = 0.01
 kl_standard = True

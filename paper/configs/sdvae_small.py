@@ -1,16 +1,15 @@
 # The SD-VAE baseline (paper App. A, Eq. 6), small: LDM's objective for its KL autoencoders, L1 +
 # LPIPS + 1e-6 x KL to N(0, I) on posterior samples, and a PatchGAN with the hinge loss and the adaptive
 # weight from step disc_start. About eight minutes on a laptop CPU (the discriminator doubles a step):
-#   python train_vmae.py configs/sdvae_small.py
+#   python -m paper.train_convae paper/configs/sdvae_small.py
 # LPIPS is off because its VGG16 weights are a download; with them, set perceptual_weight = 1.0 (LDM's).
 data = 'builtin'
 image_size = 32
 model = 'ConvAE-small'
 out_dir = 'out/sdvae_small'
-mask_ratio = 0.0
 sample_posterior = True
 pixel_loss = 'l1'
-visible_weight = 1.0
+pixel_weight = 1.0
 perceptual_weight = 0.0
 kl_weight = 1e-6
 kl_standard = True

@@ -6,8 +6,8 @@ A ResNet encoder halves the resolution three times and ends in a Gaussian poster
 channels per latent pixel; a mirrored decoder (one more resnet per level) doubles it back with
 nearest-neighbour upsampling and a conv. A single-head self-attention sits in the middle of each,
 at 1/8 resolution. This is the SD-VAE baseline of the LDMAE paper (Tables 1 and 3). It has the
-interface of vmae.VMAE (encode -> posterior, decode, img_size / grid / latent_dim / patch_size),
-so latent extraction, sampling, metrics and analyses take either.
+interface every autoencoder has (autoencoders.py), so latent extraction, sampling, metrics and
+analyses take it as they take the VMAE.
 
 Parameter names equal diffusers' AutoencoderKL, so its state dicts, and Stable Diffusion 3's released
 vae/ folder (config.json + diffusion_pytorch_model.safetensors), load strictly without renaming.
@@ -188,6 +188,8 @@ class ConvAE(nn.Module):
     `img_size` is the nominal image size, as for the VMAE: it sets `grid` (the latent side the DiT
     and the sampler use) and is saved with the model. The network itself is convolutional, so encode
     and decode take any image whose sides are multiples of 8 (`patch_size`, the downsampling factor)."""
+    # a DiT learns the posterior mean (the authors'): the AE and DAE objectives never train a variance
+    dit_latent = 'mode'
 
     def __init__(self, img_size=256, in_chans=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                  latent_dim=16, norm_num_groups=32):

@@ -3,15 +3,15 @@ The paper's comparison of autoencoders (section 5) at small scale, on a laptop C
 
 1. train five small autoencoders on the built-in shapes at 32 px: the VMAE (masked pre-training, then
    the decoder fine-tuned, as in the demo) and the convolutional AE, DAE, VAE and SD-VAE of
-   configs/{ae,dae,vae,sdvae}_small.py (LPIPS off: its VGG16 weights are a download)
+   paper/configs/{ae,dae,vae,sdvae}_small.py (LPIPS off: its VGG16 weights are a download)
 2. Table 1: their reconstructions of 2000 held-out images (evaluate.py recon)
-3. Fig. 6: reconstructions from perturbed latents (evaluate.py smoothness)
+3. Fig. 6: reconstructions from perturbed latents (python -m paper smoothness)
 4. Fig. 7: sigma^2 and rho of their latent tokens and of the raw image, on the shapes' exact masks
-   (evaluate.py compression), with Fig. 8's projections and Fig. 4's k-means maps
+   (python -m paper compression), with Fig. 8's projections and Fig. 4's k-means maps
 5. Fig. 2: the radar of the three properties
 and then which of the paper's orderings hold here. Nothing is tuned to make them hold.
 
-$ python study.py                # everything goes to out/study; run it again to resume or re-print
+$ python -m paper.study                # everything goes to out/study; run it again to resume or re-print
 Each stage prints the command that does it on its own.
 """
 
@@ -24,10 +24,12 @@ import torch
 
 import common
 import evaluate
+import paper.__main__ as paper_commands
 import train_vmae
+from paper import train_convae
 
 OUT = 'out/study'
-BASELINES = ('ae', 'dae', 'vae', 'sdvae')   # configs/<name>_small.py
+BASELINES = ('ae', 'dae', 'vae', 'sdvae')   # paper/configs/<name>_small.py
 NUM_HELD_OUT = 2000                         # built-in validation images for Table 1
 NUM_SMOOTHNESS = 500                        # for Fig. 6 (six latent perturbations each)
 NUM_SEGMENTED = 500                         # for Figs. 7 and 8
@@ -39,7 +41,7 @@ def main():
     checkpoints = train_all()
     names = list(checkpoints)
     flags = ['--autoencoder', *checkpoints.values(), '--names', *names, '--data', 'builtin', '--device', 'cpu']
-    offline = ['--no_rfid', '--no_lpips', '--num_workers', '0']
+    offline = ['--rfid', 'false', '--lpips', 'false', '--num_workers', '0']
     out = {name: os.path.join(OUT, f'{name}.json') for name in ('recon', 'smoothness', 'compression', 'projection', 'kmeans', 'radar')}
     analyse("Table 1: reconstructions of held-out images", 'recon', flags + offline + ['--num_images', str(NUM_HELD_OUT)], out['recon'])
     analyse("Fig. 6: reconstructions from perturbed latents", 'smoothness', flags + offline + ['--num_images', str(NUM_SMOOTHNESS)],
@@ -67,15 +69,17 @@ def train_all():
     checkpoints = {'vmae': os.path.join(vmae, 'last.pt')}
     for name in BASELINES:
         folder = os.path.join(OUT, name)
-        common.run_stage(f"train the {name.upper()} baseline", train_vmae, [f'configs/{name}_small.py', '--out_dir', folder])
+        common.run_stage(f"train the {name.upper()} baseline", train_convae, [f'paper/configs/{name}_small.py', '--out_dir', folder])
         checkpoints[name] = os.path.join(folder, 'last.pt')
     return checkpoints
 
 
 def analyse(title, command, flags, out):
+    """Table 1 with evaluate.py recon, the rest with the wing's commands."""
     print(f"\n== {title} ==")
-    print(f"$ python evaluate.py {command} {' '.join(flags)} --out {out}")
-    evaluate.main([command, *flags, '--out', out])
+    script = 'evaluate.py' if command == 'recon' else '-m paper'
+    print(f"$ python {script} {command} {' '.join(flags)} --out {out}")
+    (evaluate.main if command == 'recon' else paper_commands.main)([command, *flags, '--out', out])
 
 
 def paper_orderings(recon, smoothness, compression, radar):

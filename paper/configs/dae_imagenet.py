@@ -1,13 +1,12 @@
 # The DAE baseline at the paper's scale: ae_imagenet.py with Gaussian noise (std 0.1 on the [-1, 1]
 # scale; the paper gives no level) on the input and the clean image as the target:
-#   torchrun --standalone --nproc_per_node=8 train_vmae.py configs/dae_imagenet.py --data /data/imagenet/train
+#   torchrun --standalone --nproc_per_node=8 -m paper.train_convae paper/configs/dae_imagenet.py --data /data/imagenet/train
 image_size = 256
 model = 'SD3-VAE'
 out_dir = 'out/dae'
-mask_ratio = 0.0
 sample_posterior = False
 pixel_loss = 'mse'
-visible_weight = 1.0
+pixel_weight = 1.0
 perceptual_weight = 0.0
 kl_weight = 0.0
 input_noise_std = 0.1

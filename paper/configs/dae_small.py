@@ -1,18 +1,18 @@
-# The AE baseline (paper App. A, Eq. 3), small: the convolutional autoencoder of SD3 at widths 16-64,
-# trained with the squared error alone, decoding the posterior mean. About five minutes on a laptop CPU:
-#   python train_vmae.py configs/ae_small.py
+# The DAE baseline (paper App. A, Eq. 4), small: the AE of ae_small.py fed images with Gaussian noise
+# (std 0.1 on the [-1, 1] scale; the paper gives no level) and asked for the clean image. About five minutes:
+#   python -m paper.train_convae paper/configs/dae_small.py
 # The four baselines (ae, dae, vae, sdvae) share every setting but their objective, as in the paper;
 # the optimizer is LDM's for its autoencoders (Adam, betas 0.5 / 0.9, no weight decay).
 data = 'builtin'
 image_size = 32
 model = 'ConvAE-small'
-out_dir = 'out/ae_small'
-mask_ratio = 0.0
+out_dir = 'out/dae_small'
 sample_posterior = False
 pixel_loss = 'mse'
-visible_weight = 1.0
+pixel_weight = 1.0
 perceptual_weight = 0.0
 kl_weight = 0.0
+input_noise_std = 0.1
 batch_size = 64
 micro_batch_size = 64
 blr = 4e-3               # lr = 4e-3 x 64 / 256 = 1e-3

@@ -1,14 +1,13 @@
 # The AE baseline at the paper's scale: SD3's convolutional autoencoder (83.8M), squared error alone,
 # the posterior mean decoded. Global batch 2048, base lr 1e-5 (lr 8e-5), constant as LDM's (App. B.1):
-#   torchrun --standalone --nproc_per_node=8 train_vmae.py configs/ae_imagenet.py --data /data/imagenet/train
+#   torchrun --standalone --nproc_per_node=8 -m paper.train_convae paper/configs/ae_imagenet.py --data /data/imagenet/train
 # The paper gives no epochs (24 hours on 8 A100s); 20 is our choice. Adam with LDM's betas, no decay.
 image_size = 256
 model = 'SD3-VAE'
 out_dir = 'out/ae'
-mask_ratio = 0.0
 sample_posterior = False
 pixel_loss = 'mse'
-visible_weight = 1.0
+pixel_weight = 1.0
 perceptual_weight = 0.0
 kl_weight = 0.0
 batch_size = 2048
