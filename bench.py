@@ -18,7 +18,8 @@ Norms, activations, the resize and the optimizer step are timed but not counted;
 neither (batches are synthetic and already on the device).
 
 On a GPU: the paper's sizes in bf16 autocast; Inception in fp32 with TF32 off, as evaluate.py runs it.
-(sample.py and train_dit.py's extraction run fp32 with TF32 today: --infer_dtype tf32 times that.)
+Extraction and sampling rows call train_dit.py's and sample.py's own functions, in bf16 autocast and in fp32
+(on a GPU with TF32 matmuls, as the scripts set them), sampling eager and compiled.
 On a CPU, fp32, and the batches, sampling steps and DiT latents shrink to finish in a few minutes.
 
 $ python bench.py                              # everything: a few minutes, most of it compiling
@@ -40,6 +41,8 @@ import common
 import dit
 import fileio
 import inception
+import sample
+import train_dit
 import vmae
 from paper import convae
 
@@ -114,7 +117,9 @@ def precision(kind):
     """The context a row runs under: bf16 autocast, fp32 with TF32 matmuls (on since the start), or exact fp32."""
     if kind == 'fp32':
         return common.exact_fp32()
-    return torch.autocast('cuda', dtype=torch.bfloat16) if kind == 'bf16' else contextlib.nullcontext()
+    if kind == 'bf16':
+        return torch.autocast('cuda' if torch.cuda.is_available() else 'cpu', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
 # the benchmarks: each returns (function for one batch, images per batch, size text)
@@ -219,29 +224,34 @@ def dit_train(s, device, dtype, compiled):
     return step, len(y), size
 
 
-def vmae_encode(s, device, dtype):
+def script_dtype(kind):
+    """A row's precision as the scripts' --dtype: tf32 is their fp32 (TF32 matmuls on, as they set it)."""
+    return 'fp32' if kind == 'tf32' else kind
+
+
+def extraction(s, device, dtype):
+    """train_dit.py's own encode_moments: each image and its mirror through the VMAE encoder."""
     model = vmae.VMAE_models[s['vmae']](img_size=s['encode_px']).to(device).eval()
     x = torch.rand(s['encode'], 3, s['encode_px'], s['encode_px'], device=device) * 2 - 1
 
-    @torch.no_grad()
     def step():
-        with precision(dtype):
-            model.encode(x)
-    return step, len(x), f"{s['vmae']} {s['encode_px']}px"
+        train_dit.encode_moments(model, x, script_dtype(dtype))
+    return step, len(x), f"{s['vmae']} {s['encode_px']}px, image + mirror"
 
 
-def dit_sample(s, device, dtype):
-    """The Euler/CFG loop alone: sample.py's one VMAE decode per image adds ~0.02% of the FLOPs."""
+def sampling(s, device, dtype, compiled):
+    """sample.py's own generate: noise, the Euler/CFG flow, de-standardise, the VMAE decode (~0.02% of the FLOPs)."""
     model = randomise_zero_init(dit.DiT_models[s['dit']](input_size=s['latent'])).to(device).eval()
-    z = torch.randn(s['sample'], model.in_channels, s['latent'], s['latent'], device=device)
-    y = torch.randint(0, model.num_classes, (len(z),), device=device)
+    vae = vmae.VMAE_models[s['vmae']](img_size=8 * s['latent']).to(device).eval()
+    stats = {'mean': torch.zeros(model.in_channels, device=device), 'std': torch.ones(model.in_channels, device=device)}
+    runner = torch.compile(model) if compiled else model
+    labels = [i % model.num_classes for i in range(s['sample'])]
 
     def step(steps=s['steps']):
-        with precision(dtype):
-            dit.euler_sample(model, z, y, steps=steps, **CFG)
-    step(3)  # the warm-up, short: 3 grid points = an unguided evaluation (batch N) and a guided one (2N)
+        sample.generate(runner, vae, stats, labels, range(len(labels)), 0, dict(CFG, steps=steps), script_dtype(dtype))
+    step(3)  # the warm-up (and compile), short: 3 grid points = an unguided evaluation (batch N) and a guided one (2N)
     size = f"{s['dit']} {model.in_channels}x{s['latent']}x{s['latent']} {s['steps']} steps cfg {CFG['cfg_scale']:g} ch{CFG['cfg_channels']}"
-    return step, len(z), size
+    return step, len(labels), size
 
 
 def inception_forward(s, device, dtype):
@@ -266,7 +276,6 @@ class Config:
     skip_compile: bool = False     # only eager training steps
     only: tuple[str, ...] = ()     # run only these of: vmae_train, dit_train, encode, sample, inception, autoencoders
     device: str = 'auto'           # 'auto', 'cuda' or 'cpu'
-    infer_dtype: str = 'bf16'      # extraction and sampling on a GPU: bf16 autocast, or tf32 (fp32 with TF32, what sample.py and train_dit.py run)
     batch_size_vmae_train: int = 0  # 0: the device's default
     batch_size_dit_train: int = 0  # 0: the device's default
     batch_size_encode: int = 0     # 0: the device's default
@@ -279,8 +288,8 @@ class Config:
 
 def check(cfg):
     """Settings that would run but mislead, refused before any work; 0 keeps the device's default."""
-    if set(cfg.only) - set(BENCHES) or cfg.infer_dtype not in ('bf16', 'tf32'):
-        raise ValueError(f"--only takes {', '.join(BENCHES)} and --infer_dtype bf16 or tf32")
+    if set(cfg.only) - set(BENCHES):
+        raise ValueError(f"--only takes {', '.join(BENCHES)}")
     for name in [f'batch_size_{b}' for b in BENCHES] + ['sample_steps']:
         if getattr(cfg, name) < 0 or (name == 'sample_steps' and getattr(cfg, name) == 1):
             raise ValueError(f"--{name} must be 0 (the default) or at least {2 if name == 'sample_steps' else 1}, got {getattr(cfg, name)}")
@@ -299,25 +308,29 @@ def sizes(cfg, cuda):
 def yardstick(device):
     """Dense matmul FLOP/s in each precision a row can use."""
     ref = {}
-    for kind in (['bf16', 'tf32', 'fp32'] if device.type == 'cuda' else ['fp32']):
+    for kind in (['bf16', 'tf32', 'fp32'] if device.type == 'cuda' else ['bf16', 'fp32']):
         with precision(kind):
             ref[kind] = matmul_flops_per_s(MATMUL_N[device.type], torch.bfloat16 if kind == 'bf16' else torch.float32, device)
     return ref
 
 
-def plan(device, train_dtype, infer_dtype, compile_too):
-    """(bench, mode, dtype, build) of each row to run, in order; build(sizes) -> the row's benchmark."""
+def plan(device, train_dtype, compile_too):
+    """(bench, mode, dtype, build) of each row to run, in order; build(sizes) -> the row's benchmark. Extraction
+    and sampling run in both of the scripts' precisions: bf16 autocast and fp32 (with TF32 matmuls on a GPU)."""
+    infer = ['bf16', 'tf32' if device.type == 'cuda' else 'fp32']
     rows = [('vmae_train', 'eager', train_dtype, lambda s: vmae_train(s, device, train_dtype, compiled=False)),
             ('vmae_train', 'compiled', train_dtype, lambda s: vmae_train(s, device, train_dtype, compiled=True)),
             ('dit_train', 'eager', train_dtype, lambda s: dit_train(s, device, train_dtype, compiled=False)),
-            ('dit_train', 'compiled', train_dtype, lambda s: dit_train(s, device, train_dtype, compiled=True)),
-            ('encode', 'eager', infer_dtype, lambda s: vmae_encode(s, device, infer_dtype)),
-            ('sample', 'eager', infer_dtype, lambda s: dit_sample(s, device, infer_dtype)),
-            ('inception', 'eager', 'fp32', lambda s: inception_forward(s, device, 'fp32')),
-            ('autoencoders', 'vmae train', train_dtype,
-             lambda s: vmae_train(s, device, train_dtype, compiled=False, px=s['encode_px'], batch=s['ae_train'])),
-            ('autoencoders', 'sdvae train', train_dtype, lambda s: sdvae_train(s, device, train_dtype))]
-    rows += [('autoencoders', f'{who} {part}', infer_dtype, lambda s, who=who, part=part: ae_inference(s, device, infer_dtype, s[who], part))
+            ('dit_train', 'compiled', train_dtype, lambda s: dit_train(s, device, train_dtype, compiled=True))]
+    rows += [('encode', 'eager', kind, lambda s, kind=kind: extraction(s, device, kind)) for kind in infer]
+    rows += [('sample', mode, kind, lambda s, kind=kind, mode=mode: sampling(s, device, kind, compiled=mode == 'compiled'))
+             for mode in ('eager', 'compiled') for kind in infer]
+    rows += [('inception', 'eager', 'fp32', lambda s: inception_forward(s, device, 'fp32')),
+             ('autoencoders', 'vmae train', train_dtype,
+              lambda s: vmae_train(s, device, train_dtype, compiled=False, px=s['encode_px'], batch=s['ae_train'])),
+             ('autoencoders', 'sdvae train', train_dtype, lambda s: sdvae_train(s, device, train_dtype))]
+    rows += [('autoencoders', f'{who} {part}', infer[0] if device.type == 'cuda' else 'fp32',
+              lambda s, who=who, part=part: ae_inference(s, device, infer[0] if device.type == 'cuda' else 'fp32', s[who], part))
              for part in ('encode', 'decode') for who in ('vmae', 'sdvae')]
     return [row for row in rows if compile_too or row[1] != 'compiled']
 
@@ -329,16 +342,16 @@ def main(argv=None):
     cuda = device.type == 'cuda'
     common.speed_settings()  # as every script does; common.exact_fp32 turns TF32 off for Inception
     s = sizes(cfg, cuda)
-    train_dtype, infer_dtype = ('bf16', cfg.infer_dtype) if cuda else ('fp32', 'fp32')  # autocast is CUDA-only here
+    train_dtype = 'bf16' if cuda else 'fp32'  # the trainers' default on each device
     name = torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.get_num_threads()} threads)'
     print(f"{name} | torch {torch.__version__} | sizes: {'quick' if cfg.quick else device.type} | training {train_dtype} | "
-          f"extraction and sampling {infer_dtype} | Inception fp32 with TF32 off")
+          f"extraction and sampling bf16 and {'tf32' if cuda else 'fp32'} | Inception fp32 with TF32 off")
     ref = yardstick(device)
     unit, scale = ('TFLOP/s', 1e12) if cuda else ('GFLOP/s', 1e9)
     print(f"dense matmul {MATMUL_N[device.type]}^2: " + ', '.join(f'{k} {v / scale:.1f} {unit}' for k, v in ref.items()))
 
     rows = []
-    for bench, mode, dtype, build in plan(device, train_dtype, infer_dtype, compile_too=not (cfg.skip_compile or cfg.quick)):
+    for bench, mode, dtype, build in plan(device, train_dtype, compile_too=not (cfg.skip_compile or cfg.quick)):
         if cfg.only and bench not in cfg.only:
             continue
         print(f"{bench} ({mode}, {dtype})...", flush=True)

@@ -201,17 +201,26 @@ def seeded_noise(seed, indices, shape):
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, int(i)))) for i in indices])
 
 
+def resolve_dtype(dtype, device):
+    """--dtype: '' is bf16 on a GPU and fp32 on a CPU; bf16 runs on either, fp16 only on CUDA (where its loss
+    scaling works). Settled right after set-up, before any work."""
+    dtype = dtype or ('bf16' if device.type == 'cuda' else 'fp32')
+    if dtype == 'fp16' and device.type != 'cuda':
+        raise ValueError("--dtype fp16 needs a CUDA GPU: use bf16 or fp32 on a CPU")
+    return dtype
+
+
 def autocast(device, dtype):
-    """bf16 / fp16 autocast on CUDA; fp32 (a no-op context) otherwise."""
-    if device.type != 'cuda' or dtype == 'fp32':
+    """bf16 / fp16 autocast on the device (dtype from resolve_dtype); fp32 is a no-op context."""
+    if dtype == 'fp32':
         return contextlib.nullcontext()
-    return torch.autocast('cuda', dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype])
+    return torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[dtype])
 
 
 def mixed_precision(device, dtype):
     """-> (autocast context, GradScaler) for training: fp16 needs its loss scaled, so its small gradients
     do not underflow; for bf16 and fp32 the scaler passes everything through unchanged."""
-    return autocast(device, dtype), torch.amp.GradScaler(enabled=dtype == 'fp16' and device.type == 'cuda')
+    return autocast(device, dtype), torch.amp.GradScaler(enabled=dtype == 'fp16')
 
 
 def speed_settings():

@@ -387,14 +387,15 @@ def guided_velocity(model, x, t, y, cfg_scale, null_label, cfg_interval_start=0.
     s = 1, or every t below cfg_interval_start, is one plain conditional call model(x, t, y). Otherwise
     one batched call on [x, x] with labels [y, null_label]; samples with t < cfg_interval_start still
     get v_c. cfg_channels=k guides only channels [0, k) and gives the rest v_c: DiT and LightningDiT
-    guide 3 channels, and the authors' scales were tuned that way. None guides all channels."""
+    guide 3 channels, and the authors' scales were tuned that way. None guides all channels. The velocity is
+    fp32 even where the model runs under bf16 autocast: the guidance and the sampler's state stay fp32."""
     guided = t >= cfg_interval_start
     if cfg_scale == 1 or not guided.any():
-        return model(x, t, y)
+        return model(x, t, y).float()
     if null_label is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs a null label, but this model has no unconditional class")
     y_null = torch.full_like(y, null_label)
-    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).chunk(2)  # (N, C, ...) each
+    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).float().chunk(2)  # (N, C, ...) each
     k = cfg_channels or x.shape[1]
     v = torch.cat([v_uncond[:, :k] + cfg_scale * (v_cond[:, :k] - v_uncond[:, :k]), v_cond[:, k:]], dim=1)
     return torch.where(guided.view(-1, *[1] * (x.ndim - 1)), v, v_cond)

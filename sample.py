@@ -48,6 +48,8 @@ class Config:
     weights: str = 'ema'           # ema or model
     seed: int = 0
     out: str = ''                  # output .png (grid) or .npz (FID); default under samples/
+    dtype: str = ''                # the DiT's autocast: bf16 or fp32; '' = bf16 on a GPU, fp32 on a CPU (noise, time grid and ODE state stay fp32)
+    compile: bool = False          # torch.compile the DiT (its first batches compile it: worth it for 50k samples)
     device: str = 'auto'           # auto, cpu, cuda
 
 
@@ -62,6 +64,8 @@ def check_args(args):
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if not 0 <= args.cfg_interval_start <= 1:
         raise ValueError(f"--cfg_interval_start must be in [0, 1], got {args.cfg_interval_start}")
+    if args.dtype not in ('', 'bf16', 'fp32'):
+        raise ValueError(f"--dtype must be bf16 or fp32 (or '' for bf16 on a GPU, fp32 on a CPU), got '{args.dtype}'")
     if args.solver not in dit.SOLVERS or args.weights not in ('ema', 'model'):
         raise ValueError(f"--solver must be one of {', '.join(dit.SOLVERS)} and --weights ema or model, got '{args.solver}', '{args.weights}'")
     common.check_device(args.device)
@@ -73,14 +77,17 @@ def main(args):
     dist = common.setup_distributed(args.device)
     common.speed_settings()
     device = dist.device
+    dtype = common.resolve_dtype(args.dtype, device)
     model, stats, vae, classes = load_models(args, device)
     if args.cfg_channels > model.in_channels:
         raise ValueError(f"--cfg_channels {args.cfg_channels} is more than the DiT's {model.in_channels} latent channels: "
                          f"use 1..{model.in_channels}, or 0 for all")
+    if args.compile:
+        model = torch.compile(model)
     if args.num_fid_samples:
-        write_fid_samples(model, vae, stats, args, out, dist)
+        write_fid_samples(model, vae, stats, args, out, dist, dtype)
     elif dist.master:
-        write_grid(model, vae, stats, classes, args, out)
+        write_grid(model, vae, stats, classes, args, out, dtype)
     common.cleanup_distributed()
 
 
@@ -126,44 +133,47 @@ def sampler_settings(args):
 
 
 @torch.no_grad()
-def generate(model, autoencoder, stats, labels, indices, seed, sampler, progress=False):
+def generate(model, autoencoder, stats, labels, indices, seed, sampler, dtype='fp32', progress=False):
     """Images (B, 3, H, W) in [-1, 1] for these labels: the whole sampling path. Sample i's noise comes from
     (seed, i) alone, so an image depends on neither the batch size nor the number of GPUs."""
     device = stats['mean'].device
     size = model.args['input_size']
-    z = common.seeded_noise(seed, indices, (model.in_channels, size, size)).to(device)      # noise (B, C, h, w)
+    z = common.seeded_noise(seed, indices, (model.in_channels, size, size)).to(device)      # noise (B, C, h, w), fp32
     y = torch.as_tensor(labels, device=device)
-    latents = dit.flow_sample(model, z, y, progress=progress, **sampler)     # integrate the flow: noise -> standardised latents
+    with common.autocast(device, dtype):  # the DiT's forwards; the sampler keeps its state in fp32 (a bf16 one drifts)
+        latents = dit.flow_sample(model, z, y, progress=progress, **sampler)  # integrate the flow: noise -> standardised latents
     latents = dit.destandardise(latents, stats)                              # x * std + mean: the autoencoder's latent scale
-    return autoencoder.decode(latents)                                       # (B, 3, H, W)
+    return autoencoder.decode(latents)                                       # (B, 3, H, W), in fp32
 
 
-def write_grid(model, vae, stats, classes, args, out):
+def write_grid(model, vae, stats, classes, args, out, dtype):
     labels_wanted = check_classes(model, args.classes)
     labels = [c for c in labels_wanted for _ in range(args.n)]
     t0 = time.time()
     batches = [range(i, min(len(labels), i + args.batch_size)) for i in range(0, len(labels), args.batch_size)]
-    images = torch.cat([generate(model, vae, stats, [labels[i] for i in rows], rows, args.seed, sampler_settings(args), progress=True)
+    images = torch.cat([generate(model, vae, stats, [labels[i] for i in rows], rows, args.seed, sampler_settings(args), dtype, progress=True)
                         for rows in batches])
     names = [classes[c] if classes else f'class {c}' for c in labels_wanted] if model.num_classes > 1 else None
     data.save_grid(images, out, ncol=args.n, row_labels=names, upscale=max(1, 128 // images.shape[-1]))
-    print(f"wrote {out} ({len(labels)} samples, {(time.time() - t0) / len(labels):.2f} s per image, cfg {args.cfg_scale}, {args.solver} {args.steps} steps)")
+    print(f"wrote {out} ({len(labels)} samples, {(time.time() - t0) / len(labels):.2f} s per image, cfg {args.cfg_scale}, "
+          f"{args.solver} {args.steps} steps, {dtype})")
 
 
-def write_fid_samples(model, vae, stats, args, out, dist):
+def write_fid_samples(model, vae, stats, args, out, dist, dtype):
     """Exactly N samples, labels i % num_classes (balanced, and mixed so that every 5000-image IS
     split sees all classes), as arr_0 uint8 (N, H, W, 3) and arr_1 labels in one .npz. Batches go
     to the ranks round-robin and their rows are kept on disk as they finish, so a killed run resumes,
     with any batch size or number of GPUs, but only with the same models and sampler."""
     n, size = args.num_fid_samples, vae.img_size
     contents = {'dit_sha256': fileio.file_sha256(args.dit), 'weights': args.weights, 'autoencoder_sha256': fileio.file_sha256(vae.path),
-                'latent_mean': stats['mean'].tolist(), 'latent_std': stats['std'].tolist(), 'seed': args.seed, **sampler_settings(args)}
+                'latent_mean': stats['mean'].tolist(), 'latent_std': stats['std'].tolist(), 'seed': args.seed, 'dtype': dtype,
+                **sampler_settings(args)}
     store = common.ShardedArrays(out + '.parts', n, {'images': ((size, size, 3), np.uint8), 'labels': ((), np.int64)}, contents, dist)
     batches = store.todo(args.batch_size)
     common.print0(f"sampling {n} images into {out} ({int((~store.done).sum())} left)")
     for rows in tqdm(batches, disable=not dist.master, desc='sampling'):
         labels = [i % model.num_classes for i in rows]
-        images = generate(model, vae, stats, labels, rows, args.seed, sampler_settings(args))
+        images = generate(model, vae, stats, labels, rows, args.seed, sampler_settings(args), dtype)
         store.write(rows, images=data.to_uint8(images).cpu().numpy(), labels=np.array(labels))   # uint8 (B, H, W, 3)
     if store.finish():
         with fileio.atomic_write(out) as f:  # a file object: np.savez adds no '.npz' to the name

@@ -62,7 +62,7 @@ class Config:
     max_steps: int = 100_000
     # system
     device: str = 'auto'
-    dtype: str = 'bf16'            # autocast on CUDA: bf16, fp16 or fp32 (CPU runs fp32)
+    dtype: str = ''                # autocast of training and extraction: bf16, fp16 (CUDA) or fp32; '' = bf16 on a GPU, fp32 on a CPU
     compile: bool = False
     num_workers: int = 8
     seed: int = 0
@@ -82,7 +82,7 @@ def check_config(cfg):
         raise ValueError(f"unknown model '{cfg.model}': choose one of {list(dit.DiT_models)}")
     if cfg.image_size < 8 or cfg.image_size % 8:  # every autoencoder here downsamples by 8
         raise ValueError(f"--image_size must be a positive multiple of 8, got {cfg.image_size}")
-    for name, allowed in (('dtype', ('bf16', 'fp16', 'fp32')), ('latent_dtype', ('float32', 'float16')),
+    for name, allowed in (('dtype', ('', 'bf16', 'fp16', 'fp32')), ('latent_dtype', ('float32', 'float16')),
                           ('posterior', ('auto', 'sample', 'mode'))):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got '{getattr(cfg, name)}'")
@@ -105,6 +105,7 @@ def main(cfg):
     dist = common.setup_distributed(cfg.device)
     common.speed_settings()
     device, say = dist.device, common.print0
+    dtype = common.resolve_dtype(cfg.dtype, device)
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if cfg.resume and not os.path.isfile(last_path):
@@ -132,7 +133,7 @@ def main(cfg):
     if meta:  # complete latents: reused only when they come from this run's data, size, autoencoder and posterior
         common.check_same_settings(meta, source, f"the latents folder {latent_dir}", "use another --latents folder, or delete it to extract again")
     else:
-        meta = extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist)
+        meta = extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist, dtype)
     dataset = LatentDataset(latent_dir, meta)
     stats = {k: torch.tensor(meta[k], device=device) for k in ('mean', 'std')}
 
@@ -148,7 +149,7 @@ def main(cfg):
     # fused: one pass over each tensor without temporaries; on a CPU the default per-tensor loop takes several times longer
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=True)
-    ctx, scaler = common.mixed_precision(device, cfg.dtype)
+    ctx, scaler = common.mixed_precision(device, dtype)
     step = 0
     if resume_from is not None:
         model.load_state_dict(resume_from['model'])
@@ -161,7 +162,7 @@ def main(cfg):
         del resume_from  # the optimizer state it holds is large
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} latents "
         f"{tuple(meta['shape'][1:])} | {num_classes} classes | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} "
-        f"accumulation = {cfg.batch_size} per step | {cfg.max_steps} steps | {device} {cfg.dtype}")
+        f"accumulation = {cfg.batch_size} per step | {cfg.max_steps} steps | {device} {dtype}")
     train_model = common.wrap_for_training(model, cfg.compile, dist)
 
     log = common.RunLog(cfg.out_dir, dist.master, step, cfg.max_steps)
@@ -244,29 +245,38 @@ def read_meta(latent_dir):
 
 
 @torch.no_grad()
-def extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist):
+def extract_latents(autoencoder, cfg, source, ae_path, latent_dir, dist, dtype):
     """Encode every image and its mirror into latent_dir/latents.npy (N, 2, 2C, h, w), sharded over
     the ranks and resumable (common.ShardedArrays, bound to `source`); meta.json, with the latent
     statistics, is written only once every row is on disk."""
     dataset = data.build_dataset(cfg.data, cfg.image_size, train=False, flip=False)
     shape = [2, 2 * autoencoder.latent_dim, autoencoder.grid, autoencoder.grid]
-    store = common.ShardedArrays(latent_dir, len(dataset), {'latents': (shape, cfg.latent_dtype), 'labels': ((), np.int64)}, source, dist)
+    # the encoder's precision binds an unfinished extraction (no folder mixes two), not the reuse of finished latents
+    store = common.ShardedArrays(latent_dir, len(dataset), {'latents': (shape, cfg.latent_dtype), 'labels': ((), np.int64)},
+                                 {**source, 'autocast': dtype}, dist)
     batches = store.todo(cfg.extract_batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=data.worker_count(cfg.num_workers))
     common.print0(f"extracting latents of {len(dataset)} images into {latent_dir} ({int((~store.done).sum())} left)")
     for rows, (x, y) in zip(batches, tqdm(loader, disable=not dist.master, desc='extract')):
-        x = x.to(dist.device)
-        both = [autoencoder.encode(view) for view in (x, x.flip(-1))]  # the mirror is encoded, not the latent flipped
-        moments = torch.stack([torch.cat([p.mean, p.logvar], dim=1) for p in both], dim=1)  # (B, 2, 2C, h, w)
+        moments = encode_moments(autoencoder, x.to(dist.device), dtype)
         store.write(rows, latents=moments.cpu().numpy(), labels=y.numpy())
     if store.finish():
         stats = latent_statistics(store.arrays['latents'], cfg.seed, source['posterior'] == 'sample')
         store.remove()
         fileio.write_json(os.path.join(latent_dir, 'meta.json'), {
-            **source, 'autoencoder': os.path.abspath(ae_path), 'num_items': len(dataset), 'num_classes': dataset.num_classes,
+            **source, 'autocast': dtype, 'autoencoder': os.path.abspath(ae_path), 'num_items': len(dataset), 'num_classes': dataset.num_classes,
             'classes': dataset.classes, 'shape': shape, 'complete': True, **stats})
     common.barrier()
     return read_meta(latent_dir)
+
+
+@torch.no_grad()
+def encode_moments(autoencoder, x, dtype):
+    """Posterior moments (B, 2 views, 2C, h, w) of images x and of their mirrors (the mirror is encoded, not the
+    latent flipped), the encoder under `dtype` autocast; the moments come out fp32."""
+    with common.autocast(x.device, dtype):
+        both = [autoencoder.encode(view) for view in (x, x.flip(-1))]
+    return torch.stack([torch.cat([p.mean, p.logvar], dim=1).float() for p in both], dim=1)
 
 
 def latent_statistics(latents, seed, sample=True, num=10_000, chunk=1000):

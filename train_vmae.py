@@ -64,7 +64,7 @@ class Config:
     grad_clip: float = 0.0         # 0: no clipping (the authors)
     # system
     device: str = 'auto'           # auto, cpu, cuda
-    dtype: str = 'bf16'            # bf16, fp16 or fp32 autocast on CUDA (CPU runs fp32)
+    dtype: str = ''                # autocast: bf16, fp16 (CUDA) or fp32; '' = bf16 on a GPU, fp32 on a CPU
     compile: bool = False          # torch.compile the model
     num_workers: int = 8
     seed: int = 0
@@ -82,7 +82,7 @@ def check_config(cfg):
         raise ValueError(f"unknown model '{cfg.model}': choose one of {list(vmae.VMAE_models)}")
     if cfg.image_size < 8 or cfg.image_size % 8:  # patches of 8 x 8
         raise ValueError(f"--image_size must be a positive multiple of 8, got {cfg.image_size}")
-    if cfg.dtype not in ('bf16', 'fp16', 'fp32'):
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
         raise ValueError(f"--dtype must be one of bf16, fp16, fp32, got '{cfg.dtype}'")
     if not (0 <= cfg.mask_ratio < 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ValueError("--mask_ratio, --beta1 and --beta2 must be in [0, 1)")
@@ -104,6 +104,7 @@ def main(cfg):
     dist = common.setup_distributed(cfg.device)
     common.speed_settings()
     device, say = dist.device, common.print0
+    dtype = common.resolve_dtype(cfg.dtype, device)
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if cfg.resume and not os.path.isfile(last_path):
@@ -143,7 +144,7 @@ def main(cfg):
     val_images = data.fixed_val_batch(cfg.data, cfg.image_size, dataset)
 
     optimizer = common.adamw(model, lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-    ctx, scaler = common.mixed_precision(device, cfg.dtype)
+    ctx, scaler = common.mixed_precision(device, dtype)
     step = 0
     if resume_from is not None:  # exact: the data order and every random draw follow (seed, step)
         optimizer.load_state_dict(resume_from['optimizer'])
@@ -154,7 +155,7 @@ def main(cfg):
         del resume_from  # the optimizer state it holds is large
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters | "
         f"{len(dataset)} images | {dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = "
-        f"{cfg.batch_size} per step | lr {lr:.3g} | {stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {cfg.dtype}")
+        f"{cfg.batch_size} per step | lr {lr:.3g} | {stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {dtype}")
     train_model = common.wrap_for_training(model, cfg.compile, dist)
 
     log = common.RunLog(cfg.out_dir, dist.master, step, stop_step)

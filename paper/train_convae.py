@@ -61,7 +61,7 @@ class Config:
     grad_clip: float = 0.0
     # system
     device: str = 'auto'           # auto, cpu, cuda
-    dtype: str = 'bf16'            # bf16, fp16 or fp32 autocast on CUDA (CPU runs fp32)
+    dtype: str = ''                # autocast: bf16, fp16 (CUDA) or fp32; '' = bf16 on a GPU, fp32 on a CPU
     compile: bool = False          # torch.compile the model (and the discriminator)
     num_workers: int = 8
     seed: int = 0
@@ -79,7 +79,7 @@ def check_config(cfg):
         raise ValueError(f"unknown model '{cfg.model}': choose one of {list(convae.ConvAE_models)}")
     if cfg.image_size < 8 or cfg.image_size % 8:  # the encoder halves the resolution three times
         raise ValueError(f"--image_size must be a positive multiple of 8, got {cfg.image_size}")
-    if cfg.dtype not in ('bf16', 'fp16', 'fp32') or cfg.pixel_loss not in ('l1', 'mse'):
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32') or cfg.pixel_loss not in ('l1', 'mse'):
         raise ValueError(f"--dtype must be bf16, fp16 or fp32 and --pixel_loss l1 or mse, got '{cfg.dtype}', '{cfg.pixel_loss}'")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ValueError("--beta1 and --beta2 must be in [0, 1)")
@@ -102,6 +102,7 @@ def main(cfg):
     dist = common.setup_distributed(cfg.device)
     common.speed_settings()
     device, say = dist.device, common.print0
+    dtype = common.resolve_dtype(cfg.dtype, device)
     accum = common.accumulation_steps(cfg.batch_size, cfg.micro_batch_size, dist)
     last_path = os.path.join(cfg.out_dir, 'last.pt')
     if cfg.resume and not os.path.isfile(last_path):
@@ -139,7 +140,7 @@ def main(cfg):
     disc = convae.NLayerDiscriminator().to(device) if cfg.disc_weight > 0 else None
     disc_optimizer = torch.optim.Adam(disc.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True) if disc else None
     optimizers = [optimizer] + ([disc_optimizer] if disc else [])
-    ctx, scaler = common.mixed_precision(device, cfg.dtype)
+    ctx, scaler = common.mixed_precision(device, dtype)
     step = 0
     if resume_from is not None:  # exact: the data order and every random draw follow (seed, step)
         optimizer.load_state_dict(resume_from['optimizer'])
@@ -153,7 +154,7 @@ def main(cfg):
         del resume_from
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(dataset)} images | "
         f"{dist.world_size} rank(s) x {cfg.micro_batch_size} x {accum} accumulation = {cfg.batch_size} per step | lr {lr:.3g} | "
-        f"{stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {cfg.dtype}"
+        f"{stop_step} steps ({stop_step / steps_per_epoch:.3g} epochs) | {device} {dtype}"
         + (f" | PatchGAN from step {cfg.disc_start}" if disc else ""))
     train_model = common.wrap_for_training(model, cfg.compile, dist)
     train_disc = common.wrap_for_training(disc, cfg.compile, dist) if disc else None

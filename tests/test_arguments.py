@@ -140,7 +140,7 @@ BAD = {
     'paper kmeans --autoencoder v.pt': 'python -m paper kmeans needs --data (see python -m paper kmeans -h)',
     'bench.py --sample_steps 1': '--sample_steps must be 0 (the default) or at least 2, got 1',
     'bench.py --batch_size_sample -1': '--batch_size_sample must be 0 (the default) or at least 1, got -1',
-    'bench.py --only dit_train decode': '--only takes vmae_train, dit_train, encode, sample, inception, autoencoders and --infer_dtype bf16 or tf32',
+    'bench.py --only dit_train decode': '--only takes vmae_train, dit_train, encode, sample, inception, autoencoders',
 }
 
 

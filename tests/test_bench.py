@@ -14,6 +14,7 @@ import torch
 
 import bench
 import dit
+import vmae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,8 +23,8 @@ SIZES = dict(bench.SIZES['quick'], steps=4)  # 3 evaluations: one unguided (t = 
 BUILDS = {  # name: (build, the SIZES key of its batch)
     'vmae_train': (lambda s: bench.vmae_train(s, CPU, 'fp32', compiled=False), 'vmae_train'),
     'dit_train': (lambda s: bench.dit_train(s, CPU, 'fp32', compiled=False), 'dit_train'),
-    'encode': (lambda s: bench.vmae_encode(s, CPU, 'fp32'), 'encode'),
-    'sample': (lambda s: bench.dit_sample(s, CPU, 'fp32'), 'sample'),
+    'encode': (lambda s: bench.extraction(s, CPU, 'fp32'), 'encode'),
+    'sample': (lambda s: bench.sampling(s, CPU, 'fp32', compiled=False), 'sample'),
     'inception': (lambda s: bench.inception_forward(s, CPU, 'fp32'), 'inception'),
     'sdvae_train': (lambda s: bench.sdvae_train(s, CPU, 'fp32'), 'ae_train'),
     'sdvae_encode': (lambda s: bench.ae_inference(s, CPU, 'fp32', s['sdvae'], 'encode'), 'ae_infer'),
@@ -52,13 +53,17 @@ def test_sampler_counts_guided_steps_twice():
     with torch.no_grad():
         forward = bench.count_flops(lambda: model(x, torch.rand(2), torch.zeros(2, dtype=torch.long)))  # batch 2
     assert bench.sampler_forwards(SIZES['steps']) == 1 + 2 * 2
-    assert counted_flops('sample', 2) == bench.sampler_forwards(SIZES['steps']) * forward
+    vae = vmae.VMAE_models[SIZES['vmae']](img_size=8 * SIZES['latent']).eval()  # sample.generate's decode of the 2 latents
+    with torch.no_grad():
+        decode = bench.count_flops(lambda: vae.decode(torch.randn(2, 16, SIZES['latent'], SIZES['latent'])))
+    assert counted_flops('sample', 2) == bench.sampler_forwards(SIZES['steps']) * forward + decode
 
 
 def test_quick_run_writes_a_row_per_benchmark(tmp_path):
     out = tmp_path / 'bench.json'
     rows = bench.main(['--quick', '--only', 'dit_train', 'encode', 'sample', '--json', str(out)])
-    assert [r['bench'] for r in rows] == ['dit_train', 'encode', 'sample']
+    assert [(r['bench'], r['dtype']) for r in rows] == [('dit_train', 'fp32'), ('encode', 'bf16'), ('encode', 'fp32'),
+                                                        ('sample', 'bf16'), ('sample', 'fp32')]  # --quick: eager only
     for r in rows:
         assert 'error' not in r and r['img_per_s'] > 0 and 0 < r['fraction'] < 10
     assert rows[-1]['s_per_img_250'] > 0
