@@ -1,5 +1,7 @@
 """Image loading, crops, the built-in dataset and the resumable sampler. Run: python -m pytest tests/test_data.py"""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,60 @@ def test_save_grid(tmp_path):
     data.save_grid(torch.rand(6, 3, 8, 8) * 2 - 1, str(path), ncol=3, row_labels=['first', 'second'], upscale=4)
     img = Image.open(path)
     assert img.height == 2 * (32 + 2) + 2 and img.width > 3 * 34
+
+
+def random_image(w, h, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_center_crop_halves_at_exactly_twice_the_target_and_floors_odd_offsets():
+    """ADM's centre crop at its edges, written out step by step: a short side of exactly 2 x 128 is BOX-halved
+    (`>=`), so 300x256 -> 150x128, no resize, crop x from (150 - 128) // 2 = 11; odd excesses floor the offset:
+    67x64 -> x from 3 // 2 = 1, 64x71 -> y from 7 // 2 = 3 (round() would give 2 and 4)."""
+    img = random_image(300, 256)
+    expected = img.resize((150, 128), Image.BOX).crop((11, 0, 139, 128))
+    assert np.array_equal(np.asarray(data.center_crop_arr(img, 128)), np.asarray(expected))
+    wide, tall = random_image(67, 64, seed=1), random_image(64, 71, seed=2)
+    assert np.array_equal(np.asarray(data.center_crop_arr(wide, 64)), np.asarray(wide)[:, 1:65])
+    assert np.array_equal(np.asarray(data.center_crop_arr(tall, 64)), np.asarray(tall)[3:67, :])
+
+
+class BoxRecorder:
+    """Stands in for a PIL image: random_resized_crop reads .size and calls .resize(size, resample, box=...)."""
+
+    def __init__(self, w, h):
+        self.size, self.boxes = (w, h), []
+
+    def resize(self, size, resample=None, box=None):
+        self.boxes.append(box)
+        return self
+
+
+def test_random_resized_crop_covers_three_quarters_to_all_of_the_image():
+    """The authors' augmentation: crops of 75-100% of the area (not torchvision's default 8-100%) with aspect
+    ratios in [3/4, 4/3], inside the image; up to rounding of the sides to whole pixels."""
+    w, h = 120, 100
+    fractions, ratios = [], []
+    for seed in range(300):
+        img = BoxRecorder(w, h)
+        data.random_resized_crop(img, 32, random.Random(seed))
+        left, top, right, bottom = img.boxes[-1]
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+        cw, ch = right - left, bottom - top
+        fractions.append(cw * ch / (w * h))
+        ratios.append(cw / ch)
+    assert min(fractions) > 0.74 and max(fractions) <= 1.0
+    assert min(ratios) > 0.74 and max(ratios) < 1.35
+
+
+def test_image_folder_flips_by_the_items_augmentation_seed(tmp_path):
+    """The flip, like the crop, follows the item's seed (random.Random(seed): its first draw < 0.5 flips), so a
+    new seed each epoch flips each image anew; centre crop plus flip keeps this exact."""
+    for i in range(3):
+        random_image(40, 36, seed=i).save(tmp_path / f'{i}.png')
+    flipping = data.ImageFolder(str(tmp_path), 32, train=False, flip=True)
+    plain = data.ImageFolder(str(tmp_path), 32)
+    for index in range(3):
+        for seed in range(12):
+            expected = plain[index][0].flip(-1) if random.Random(seed).random() < 0.5 else plain[index][0]
+            assert torch.equal(flipping[(index, seed)][0], expected), (index, seed)

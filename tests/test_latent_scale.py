@@ -6,6 +6,7 @@ std 1 would hide a missing or inverted (de)standardisation; these do not.
 Run: python -m pytest tests/test_latent_scale.py"""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -203,3 +204,27 @@ def test_sample_py_decodes_through_the_checkpoints_scale(known, tmp_path):
     written = np.load(out)['arr_0']
     assert written.shape == expected.shape and np.abs(written.astype(int) - expected).max() <= 1
     assert (written != expected).mean() < 0.01
+
+
+def test_latent_stats_std_is_unbiased():
+    """LatentStats: per-channel mean and the n - 1 std, fed in two batches. Channel 0 holds 1, 2, 3, 4 (mean 2.5,
+    squared deviations 5, std sqrt(5 / 3)); channel 1 holds 0, 0, 0, 10 (mean 2.5, squared deviations 75, std 5)."""
+    values = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 10.0]]).view(4, 2, 1, 1)   # (N, C, 1, 1)
+    stats = dit.LatentStats(2)
+    stats.add(values[:1])
+    stats.add(values[1:])
+    result = stats.result()
+    torch.testing.assert_close(result['mean'], torch.tensor([2.5, 2.5], dtype=torch.float64))
+    torch.testing.assert_close(result['std'], torch.tensor([math.sqrt(5 / 3), 5.0], dtype=torch.float64))
+
+
+def test_latent_statistics_are_measured_on_the_unflipped_view():
+    """train_dit.latent_statistics reads view 0 (the image, as the authors did), never view 1 (the mirror)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(500, 1, 4, 2, 2))
+    mirror = 100 + 7 * rng.normal(size=(500, 1, 4, 2, 2))
+    latents = np.concatenate([image, mirror], axis=1)              # (500, 2 views, 2C = 4: mean || logvar, 2, 2)
+    stats = train_dit.latent_statistics(latents, seed=0, sample=False)
+    means = image[:, 0, :2]                                        # the posterior means of view 0, (500, C = 2, 2, 2)
+    np.testing.assert_allclose(stats['mean'], means.mean(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(stats['std'], means.transpose(1, 0, 2, 3).reshape(2, -1).std(axis=1, ddof=1), rtol=1e-10)

@@ -159,3 +159,29 @@ def test_a_diffusers_folder_is_hashed_by_its_files(tmp_path):
     first = fileio.file_sha256(str(folder))
     (folder / 'diffusion_pytorch_model.safetensors').write_bytes(b'other weights')
     assert fileio.file_sha256(str(folder)) != first and len(first) == 64
+
+
+def test_rows_whose_write_fails_are_not_marked_done(tmp_path):
+    """A row is marked done only after its values are stored: a write that fails leaves it to do, also when the
+    folder is reopened."""
+    specs = {'x': ((3,), np.float32)}
+    store = common.ShardedArrays(str(tmp_path / 'out'), 4, specs, {'seed': 0}, common.Dist())
+    store.write([0, 1], x=np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError):
+        store.write([2, 3], x=np.ones((2, 5), np.float32))        # values that do not fit the rows
+    assert store.done.tolist() == [True, True, False, False]
+    reopened = common.ShardedArrays(str(tmp_path / 'out'), 4, specs, {'seed': 0}, common.Dist())
+    assert reopened.todo(10) == [[2, 3]]
+
+
+def test_a_folder_without_a_record_of_a_setting_is_refused(tmp_path):
+    """Settings the unfinished output has no record of (an older version wrote it) could have been anything: the
+    folder is refused, naming the setting, as for a recorded setting that differs."""
+    specs = {'x': ((), np.int64)}
+    common.ShardedArrays(str(tmp_path / 'out'), 4, specs, {'seed': 0}, common.Dist())
+    settings = json.load(open(tmp_path / 'out' / 'settings.json'))
+    assert settings['seed'] == 0
+    with pytest.raises(ValueError, match="was made with steps None, but this run has steps 6"):
+        common.ShardedArrays(str(tmp_path / 'out'), 4, specs, {'seed': 0, 'steps': 6}, common.Dist())
+    with pytest.raises(ValueError, match="was made with posterior None, but this run has posterior 'sample'"):
+        common.check_same_settings({'autoencoder_sha256': 'ab'}, {'autoencoder_sha256': 'ab', 'posterior': 'sample'}, 'x', 'y')
