@@ -19,6 +19,7 @@ import sample
 import train_dit
 import vmae
 from paper import judges
+from test_failures import scripts_at_once
 from test_train_dit import config, make_images_and_vmae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,18 +106,6 @@ def cli(*flags):
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
-def cli_at_once(*command_lines, timeout=300):
-    """cli() for several command lines, run side by side (each pays its own Python and torch start-up)."""
-    procs = [subprocess.Popen([sys.executable, 'sample.py', *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}) for flags in command_lines]
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
-    finally:
-        for p in procs:
-            p.kill()  # a no-op for those that finished
-
-
 def test_bad_input_is_one_clear_line(trained, tmp_path):
     ckpt = str(trained / 'dit' / 'last.pt')
     other = vmae.VMAE(img_size=32, embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=64, decoder_depth=1,
@@ -132,7 +121,8 @@ def test_bad_input_is_one_clear_line(trained, tmp_path):
              (['--dit', ckpt, '--class', '0', '--out', str(tmp_path / 'grid')], 'grid must end in .png or .jpg or .jpeg'),
              (['--dit', ckpt, '--class', '0', '--out', str(tmp_path)], 'is a folder: give a file name inside it'),
              (['--dit', ckpt, '--class', '0', '--out', str(tmp_path / 'vmae8.pt' / 'x.png')], 'vmae8.pt is a file, not a folder')]
-    results = cli_at_once(*([*flags, '--steps', '2', *([] if '--out' in flags else ['--out', str(tmp_path / 'x.png')])] for flags, _ in cases))
+    results = scripts_at_once(*(['sample.py', *flags, '--steps', '2', *([] if '--out' in flags else ['--out', str(tmp_path / 'x.png')])]
+                                for flags, _ in cases))
     for (flags, message), result in zip(cases, results):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
