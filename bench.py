@@ -329,8 +329,7 @@ def plan(device, train_dtype, compile_too):
              ('autoencoders', 'vmae train', train_dtype,
               lambda s: vmae_train(s, device, train_dtype, compiled=False, px=s['encode_px'], batch=s['ae_train'])),
              ('autoencoders', 'sdvae train', train_dtype, lambda s: sdvae_train(s, device, train_dtype))]
-    rows += [('autoencoders', f'{who} {part}', infer[0] if device.type == 'cuda' else 'fp32',
-              lambda s, who=who, part=part: ae_inference(s, device, infer[0] if device.type == 'cuda' else 'fp32', s[who], part))
+    rows += [('autoencoders', f'{who} {part}', train_dtype, lambda s, who=who, part=part: ae_inference(s, device, train_dtype, s[who], part))
              for part in ('encode', 'decode') for who in ('vmae', 'sdvae')]
     return [row for row in rows if compile_too or row[1] != 'compiled']
 

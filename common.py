@@ -1,12 +1,13 @@
 """
-Plumbing shared by the scripts: command-line config, torchrun/DDP set-up, precision, run
-checkpoints for --resume, resumable sharded outputs, logging and one-line errors.
+Plumbing shared by the scripts: command-line config, torchrun/DDP set-up, precision, what the
+trainers share (the weight check on resume, AdamW's groups, the cosine schedule), resumable sharded
+outputs, logging and one-line errors.
 
 train_vmae.py, train_dit.py, sample.py, evaluate.py and bench.py all need these and must behave the
 same (one flag spelling, multi-node device choice, resume, a NaN stop, what a bad path prints), so
 they are written once here. The model files do not import this: they stay usable on their own. The
-training step itself (autocast, accumulation, clipping, the optimizer step) is written out in each
-trainer's loop, where a reader looks for it.
+training step itself (autocast, accumulation, clipping, the optimizer step) and the checkpoint dict and
+resume are written out in each trainer, where a reader looks for them.
 """
 
 import argparse
@@ -287,7 +288,7 @@ def wrap_for_training(model, compile, d):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and logs
+# what the trainers share; resumable outputs; logs
 
 def note_config_changes(saved, cfg, free=('resume', 'stop_epoch', 'max_steps', 'log_every', 'ckpt_every', 'keep_every', 'image_every',
                                           'sample_every', 'num_workers', 'compile', 'device', 'out_dir', 'autoencoder', 'latents')):

@@ -316,7 +316,7 @@ def radar_scores(recon, smoothness=None, compression=None, generation=None):
             levels = {float(e): m for e, m in curve.items()}
             if 0.0 not in levels:  # the change is measured from the unperturbed latents
                 raise ValueError(f"the smoothness results of '{name}' have no eps = 0 (only {', '.join(curve)}): "
-                                 f"run evaluate.py smoothness with 0 among --eps")
+                                 f"run python -m paper smoothness with 0 among --eps")
             base, perturbed = levels[0.0], [m for e, m in levels.items() if e > 0]
             key = 'rfid' if 'rfid' in base else 'psnr'
             change = float(np.mean([m[key] - base[key] for m in perturbed]))

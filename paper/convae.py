@@ -237,7 +237,7 @@ class ConvAE(nn.Module):
 #################################################################################
 #                 Training Objectives: AE, DAE, VAE and SD-VAE                  #
 #################################################################################
-# The four baselines of the paper (App. A) differ only in these terms (train_vmae.py assembles them):
+# The four baselines of the paper (App. A) differ only in these terms (train_convae.py assembles them):
 #   AE:     squared error                       DAE: the same, from an input with Gaussian noise added
 #   VAE:    squared error + kl_weight x KL(q(z|x) || N(0, I)), decoding a posterior sample
 #   SD-VAE: LDM's LPIPSWithDiscriminator: L1 + LPIPS + kl_weight x KL, and from step disc_start the
