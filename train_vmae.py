@@ -42,6 +42,7 @@ class Config:
     # objective, Eq. 2 (defaults: the authors' stage 1)
     mask_ratio: float = 0.25
     sample_posterior: bool = True  # decode a posterior sample (stage 1) or the mean (stage 3)
+    latent_noise: float = 0.0      # > 0: decode latents + eps x channel std x N(0, I), eps ~ U(0, this) (not the paper's; an ablation)
     mask_weight: float = 0.5
     visible_weight: float = 0.5    # the MSE's weight on visible patches (every patch, without a mask)
     perceptual_weight: float = 0.5
@@ -89,7 +90,7 @@ def check_config(cfg):
     for name in ('batch_size', 'micro_batch_size', 'log_every', 'ckpt_every', 'image_every'):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ('mask_weight', 'visible_weight', 'perceptual_weight', 'kl_weight', 'min_lr', 'warmup_epochs', 'stop_epoch',
+    for name in ('mask_weight', 'visible_weight', 'perceptual_weight', 'kl_weight', 'latent_noise', 'min_lr', 'warmup_epochs', 'stop_epoch',
                  'max_steps', 'warmup_steps', 'weight_decay', 'grad_clip', 'num_workers', 'seed', 'keep_every'):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
@@ -171,7 +172,7 @@ def main(cfg):
             if dist.ddp:  # all-reduce the gradients only once, after the last micro-batch
                 train_model.require_backward_grad_sync = micro == accum - 1
             with ctx:
-                recon, mask, posterior = train_model(x, cfg.mask_ratio, cfg.sample_posterior)
+                recon, mask, posterior = train_model(x, cfg.mask_ratio, cfg.sample_posterior, cfg.latent_noise)
                 loss, terms = vmae.vmae_loss(x, recon, mask, posterior, model.patch_size, weights, perceptual)
             scaler.scale(loss / accum).backward()
             meter.add({'loss': loss, **terms})

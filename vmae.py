@@ -234,12 +234,15 @@ class VMAE(nn.Module):
             raise ValueError(f"this VMAE decodes latents of shape (B, {self.latent_dim}, {self.grid}, {self.grid}), got {tuple(z.shape)}")
         return self.decode_tokens(z.flatten(2).transpose(1, 2))  # (B, h*w, C) tokens
 
-    def forward(self, x, mask_ratio=0.0, sample_posterior=True):
+    def forward(self, x, mask_ratio=0.0, sample_posterior=True, latent_noise=0.0):
         """Training pass. -> reconstruction (B, 3, H, W), mask (B, N) or None, posterior over the
-        visible tokens (mean of shape (B, N_vis, latent_dim))."""
+        visible tokens (mean of shape (B, N_vis, latent_dim)). latent_noise > 0: the decoder sees the
+        latent perturbed as the smoothness test perturbs it (see perturb_latents)."""
         moments, mask, ids_restore = self.encode_tokens(x, mask_ratio)
         posterior = DiagonalGaussian(moments, dim=-1)
         z = posterior.sample() if sample_posterior else posterior.mode()
+        if latent_noise > 0:
+            z = perturb_latents(z, latent_noise)
         return self.decode_tokens(z, ids_restore), mask, posterior
 
     def check_size(self, x):
@@ -260,6 +263,14 @@ class VMAE(nn.Module):
             if key in sd and sd[key].shape != getattr(self, key).shape:
                 sd[key] = resize_pos_embed(sd[key], self.grid)
         self.load_state_dict(sd, strict=True)
+
+def perturb_latents(z, max_eps):
+    """Latent tokens z (B, N, C) + eps x each channel's std x N(0, I), eps drawn uniformly from [0, max_eps]
+    per image: the perturbation of the smoothness test (Fig. 6) as training noise, so a decoder learns to
+    decode it. The std is the batch's, detached: the noise follows the latent's scale and is no target."""
+    std = z.detach().flatten(0, 1).std(0, correction=0)          # (C,); population std: defined for one token too
+    eps = max_eps * torch.rand(z.shape[0], 1, 1, device=z.device)  # (B, 1, 1)
+    return z + eps * std * torch.randn_like(z)
 
 #################################################################################
 #                                    Losses                                     #

@@ -43,6 +43,7 @@ from paper.judges import heun_match, recognition_study, solver_study, train_clas
 @dataclasses.dataclass
 class SmoothnessConfig(ReconConfig):
     eps: tuple[float, ...] = SMOOTHNESS_EPS  # noise levels, in latent stds
+    noise: str = 'channel'              # 'channel': eps x each channel's std (the paper); 'isotropic': eps x one std, the channels' RMS
     latent_stats: str = ''              # train_dit.py checkpoint or meta.json, or the authors' latents_stats.pt; '': measure the std
     seed: int = 0                       # the latent noise of image i is drawn from (seed, i)
 
@@ -153,6 +154,8 @@ def run_smoothness(cfg, d):
     results = {}
     for name, model in models.items():
         std, source = latent_std_for(cfg, name, model, dataset, d, given)
+        if cfg.noise == 'isotropic':  # the same noise energy, spread evenly: do a few large channels carry the loss?
+            std, source = std.pow(2).mean().sqrt().expand_as(std).clone(), f"the RMS of the channels' std {source}"
         out = evaluate_reconstruction(model, dataset, d, cfg.eps, std, cfg.batch_size, cfg.num_workers, inception, lpips_net, cfg.seed)
         results[name] = (out, std, source)
     if not d.master:
@@ -164,7 +167,7 @@ def run_smoothness(cfg, d):
     path = output_path(cfg, 'smoothness')
     common.write_results(path, {'autoencoders': {name: {'eps': {f'{e:g}': out[e] for e in cfg.eps}, 'latent_std': std.tolist(),
                                                  'latent_std_source': source} for name, (out, std, source) in results.items()},
-                         'data': cfg.data, 'n_images': len(dataset), 'seed': cfg.seed,
+                         'data': cfg.data, 'n_images': len(dataset), 'seed': cfg.seed, 'noise': cfg.noise,
                          **(inception_info(inception) if inception else {})}, cfg)
     plot_smoothness({name: out for name, (out, _, _) in results.items()}, plot_path(path))
 
@@ -390,6 +393,8 @@ def check_config(name, cfg):
             raise ValueError(f"--{field} needs one or more values, each at least {least}")
     if getattr(cfg, 'image_size', 0) % 8 or getattr(cfg, 'image_size', 0) < 0:
         raise ValueError(f"--image_size must be 0 (the autoencoder's) or a positive multiple of 8, got {cfg.image_size}")
+    if getattr(cfg, 'noise', 'channel') not in ('channel', 'isotropic'):
+        raise ValueError(f"--noise must be channel or isotropic, got '{cfg.noise}'")
     if getattr(cfg, 'solver', 'euler') not in dit.SOLVERS:
         raise ValueError(f"--solver must be one of {', '.join(dit.SOLVERS)}, got '{cfg.solver}'")
     common.check_device(getattr(cfg, 'device', 'cpu'))

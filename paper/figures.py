@@ -1,6 +1,6 @@
 """
 The paper's figures, drawn from what analyses.py and evaluate.py compute, for any set of autoencoders:
-Fig. 6 (smoothness curves), Fig. 7 (the sigma^2 / rho plane), Fig. 4 (k-means maps of the latent
+Fig. 6 (smoothness curves) with the latent channels' stds, Fig. 7 (the sigma^2 / rho plane), Fig. 4 (k-means maps of the latent
 tokens), Fig. 8 (2-D projections of one image's tokens), Fig. 2 (the radar), and the sampler study's
 error curves. Every function writes one PNG and returns its path.
 """
@@ -28,18 +28,38 @@ def save(fig, path):
     return path
 
 
-def plot_smoothness(curves, path):
-    """Fig. 6: each metric against the perturbation level, one line per autoencoder.
-    curves: {name: {eps: {metric: value}}}."""
+def plot_smoothness(curves, path, change=False):
+    """Fig. 6: each metric against the perturbation level, one line per autoencoder; change=True adds a
+    row of each metric's change from eps = 0. curves: {name: {eps: {metric: value}}}."""
     first = next(iter(curves.values()))
     metrics = [k for k in ('rfid', 'psnr', 'ssim', 'lpips') if k in first[min(first)]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], metrics):
+    rows = 2 if change else 1
+    fig, axes = plt.subplots(rows, len(metrics), figsize=(3.4 * len(metrics) + 1.6 * change, 3.2 * rows), squeeze=False)
+    for column, k in enumerate(metrics):
         for name, curve in curves.items():
             eps = sorted(curve)
-            ax.plot(eps, [curve[e][k] for e in eps], 'o-', label=name)
-        ax.set(xlabel='eps (x latent std)', title=METRIC_LABELS[k])
-    axes[0][0].legend(fontsize=8)
+            axes[0][column].plot(eps, [curve[e][k] for e in eps], 'o-', label=name)
+            if change:
+                axes[1][column].plot(eps, [curve[e][k] - curve[min(eps)][k] for e in eps], 'o-', label=name)
+        axes[0][column].set(xlabel='eps (x latent std)', title=METRIC_LABELS[k])
+        if change:
+            axes[1][column].set(xlabel='eps (x latent std)', title=f'{METRIC_LABELS[k]}: change from eps 0')
+    if change:  # many curves: the legend goes beside the panels
+        axes[0][-1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1))
+    else:
+        axes[0][0].legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_channel_stds(stds, path):
+    """Each latent channel's std over the RMS of all of them, largest first, one line per autoencoder:
+    flat when every channel carries the same share, steep when a few carry most. stds: {name: [std per channel]}."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, std in stds.items():
+        std = np.sort(np.asarray(std, dtype=np.float64))[::-1]
+        ax.semilogy(np.arange(1, len(std) + 1), std / np.sqrt(np.mean(std ** 2)), 'o-', markersize=3, label=name)
+    ax.set(xlabel='latent channel, by its std', ylabel="channel's std / RMS of all")
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1))
     return save(fig, path)
 
 

@@ -118,9 +118,35 @@ def decoded_samples(model, autoencoder, stats, noise, labels, batch_size, solver
     de-standardised, decoded, batch by batch."""
     latents = torch.cat([flow_sample(model, noise[i:i + batch_size], labels[i:i + batch_size], solver=solver, **sampler)
                          for i in range(0, len(noise), batch_size)])
-    images = torch.cat([autoencoder.decode(destandardise(latents[i:i + batch_size], stats)).float()
-                        for i in range(0, len(latents), batch_size)])
-    return latents, images
+    return latents, decode_latents(autoencoder, latents, stats, batch_size)
+
+
+@torch.no_grad()
+def decode_latents(autoencoder, latents, stats, batch_size=250):
+    """Latents (N, C, h, w) as a DiT sees them -> images (N, 3, H, W): de-standardised, decoded, batch by batch."""
+    return torch.cat([autoencoder.decode(destandardise(latents[i:i + batch_size], stats)).float()
+                      for i in range(0, len(latents), batch_size)])
+
+
+def labelled_images(dataset):
+    """A dataset's images (N, 3, H, W) and labels (N,), stacked."""
+    return map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in map(dataset.__getitem__, range(len(dataset)))]))
+
+
+@torch.no_grad()
+def reconstructions(autoencoder, images, batch_size=250):
+    """The autoencoder's reconstructions of images (N, 3, H, W) from their posterior means, on the CPU."""
+    device = next(autoencoder.parameters()).device
+    return torch.cat([autoencoder.decode(autoencoder.encode(x.to(device)).mode()).float().cpu() for x in images.split(batch_size)])
+
+
+@torch.no_grad()
+def sample_rates(classifier, model, autoencoder, stats, noise, batch_size=250, **sampler):
+    """Per class, the fraction of one class-balanced sample (label i % classes) per noise (N, C, h, w) that
+    the classifier names as its label."""
+    labels = torch.arange(len(noise)) % model.num_classes
+    _, samples = decoded_samples(model, autoencoder, stats, noise, labels.to(noise.device), batch_size, **sampler)
+    return class_rates(classifier, samples.cpu(), labels, model.num_classes)
 
 
 def recognition_study(model, autoencoder, stats, train_set, held_out, colour_blind, noise, batch_size=250, **sampler):
@@ -130,16 +156,10 @@ def recognition_study(model, autoencoder, stats, train_set, held_out, colour_bli
     the held-out images (posterior means) show how much of the gap its decoder makes and how much the DiT.
     -> {'real', 'reconstructions', 'samples'}: per-class rates"""
     classifier = train_classifier(train_set, colour_blind)
-    real_images, real_labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in map(held_out.__getitem__, range(len(held_out)))]))
-    device = next(autoencoder.parameters()).device
-    labels = torch.arange(len(noise)) % model.num_classes
-    with torch.no_grad():
-        reconstructions = torch.cat([autoencoder.decode(autoencoder.encode(x.to(device)).mode()).float().cpu()
-                                     for x in real_images.split(batch_size)])
-        _, samples = decoded_samples(model, autoencoder, stats, noise, labels.to(noise.device), batch_size, **sampler)
+    real_images, real_labels = labelled_images(held_out)
     return {'real': class_rates(classifier, real_images, real_labels, model.num_classes),
-            'reconstructions': class_rates(classifier, reconstructions, real_labels, model.num_classes),
-            'samples': class_rates(classifier, samples.cpu(), labels, model.num_classes)}
+            'reconstructions': class_rates(classifier, reconstructions(autoencoder, real_images, batch_size), real_labels, model.num_classes),
+            'samples': sample_rates(classifier, model, autoencoder, stats, noise, batch_size, **sampler)}
 
 # -----------------------------------------------------------------------------
 # sampler accuracy: Euler against Heun at equal cost
