@@ -88,7 +88,8 @@ def main():
     smoothness = json.load(open(out['smoothness']))['autoencoders']
     figure = plot_smoothness({n: {float(e): m for e, m in smoothness[n]['eps'].items()} for n in names},
                              os.path.join(OUT, 'fig6.png'), change=True)
-    channels = plot_channel_stds({n: smoothness[n]['latent_std'] for n in names}, os.path.join(OUT, 'channels.png'))
+    stds = one_line_per_encoder({n: smoothness[n]['latent_std'] for n in names})
+    channels = plot_channel_stds(stds, os.path.join(OUT, 'channels.png'))
     report(summary, figure, channels, time.time() - t0)
 
 
@@ -121,6 +122,14 @@ def analyse(title, command, flags, out):
 def write(path, results):
     fileio.write_json(path, {**results, 'torch': torch.__version__})
     print(f"wrote {path}")
+
+
+def one_line_per_encoder(stds):
+    """Variants that share an encoder share their channels' stds: one line for each, named after all of them."""
+    groups = {}
+    for name, std in stds.items():
+        groups.setdefault(tuple(std), []).append(name)
+    return {' = '.join(names): list(std) for std, names in groups.items()}
 
 
 def same_encoder(a, b):

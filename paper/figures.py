@@ -57,7 +57,7 @@ def plot_channel_stds(stds, path):
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     for name, std in stds.items():
         std = np.sort(np.asarray(std, dtype=np.float64))[::-1]
-        ax.semilogy(np.arange(1, len(std) + 1), std / np.sqrt(np.mean(std ** 2)), 'o-', markersize=3, label=name)
+        ax.plot(np.arange(1, len(std) + 1), std / np.sqrt(np.mean(std ** 2)), 'o-', markersize=3, label=name)
     ax.set(xlabel='latent channel, by its std', ylabel="channel's std / RMS of all")
     ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1))
     return save(fig, path)

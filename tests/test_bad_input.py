@@ -19,7 +19,7 @@ import dit
 import fileio
 import train_vmae
 import vmae
-from paper import convae, figures, study
+from paper import ablation, convae, figures, study
 from test_convae import SD3_STYLE_CONFIG, write_vae_folder
 from test_evaluate import cli_error
 from test_figures import two_autoencoders  # noqa: F401 (a fixture: a random VMAE-tiny and ConvAE-tiny at 32 px)
@@ -115,7 +115,7 @@ def test_recognition_refuses_a_held_out_set_that_is_the_training_set(tmp_path, c
 
 def test_study_and_demo_take_no_arguments(tmp_path, capsys):
     import demo
-    for parse in (study.parse_args, demo.parse_args):
+    for parse in (study.parse_args, demo.parse_args, ablation.parse_args):
         with pytest.raises(SystemExit) as e:
             parse(['--bogus'])
         assert e.value.code == 2 and 'unrecognized arguments: --bogus' in capsys.readouterr().err
