@@ -1,6 +1,6 @@
 """
 Where does the VMAE's latent smoothness come from? Its recipe taken apart on the built-in shapes, at the small
-study's scale and seeds, on a laptop CPU in about 35 minutes.
+study's scale and seeds, in about 26 minutes on a 2-core CPU.
 
 The small study (python -m paper.study) finds the VMAE's reconstructions the least robust to latent noise
 (Fig. 6), against the paper. Each variant below changes one thing; every setting was fixed before any of
