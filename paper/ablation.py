@@ -46,6 +46,7 @@ from data import BuiltinShapes
 from paper import train_convae
 from paper.figures import plot_channel_stds, plot_smoothness
 from paper.judges import class_rates, decode_latents, decoded_samples, labelled_images, reconstructions, train_classifier
+from paper.study import analyse, builtin_flags
 
 OUT = 'out/ablation'
 STAGE3 = 'configs/vmae_small_stage3.py'
@@ -74,7 +75,7 @@ def main():
     torch.manual_seed(0)
     checkpoints = train_all()
     names = list(checkpoints)
-    flags = ['--autoencoder', *checkpoints.values(), '--names', *names, '--data', 'builtin', '--device', 'cpu']
+    flags = builtin_flags(checkpoints)
     offline = ['--rfid', 'false', '--lpips', 'false', '--num_workers', '0', '--num_images', str(NUM_SMOOTHNESS)]
     out = {name: os.path.join(OUT, f'{name}.json') for name in ('smoothness', 'isotropic', 'compression', 'judge')}
     analyse("Fig. 6: reconstructions from latents + eps x each channel's std", 'smoothness', flags + offline, out['smoothness'])
@@ -111,12 +112,6 @@ def train_all():
         common.run_stage(f"train a DiT on the latents of {autoencoder}", train_dit,
                          ['configs/dit_small.py', '--autoencoder', path(autoencoder), '--out_dir', os.path.dirname(path(name))])
     return {name: path(name) for name in ORDER}
-
-
-def analyse(title, command, flags, out):
-    print(f"\n== {title} ==")
-    print(f"$ python -m paper {command} {' '.join(flags)} --out {out}")
-    paper_commands.main([command, *flags, '--out', out])
 
 
 def write(path, results):

@@ -39,8 +39,7 @@ def main():
     t0 = time.time()
     torch.manual_seed(0)
     checkpoints = train_all()
-    names = list(checkpoints)
-    flags = ['--autoencoder', *checkpoints.values(), '--names', *names, '--data', 'builtin', '--device', 'cpu']
+    flags = builtin_flags(checkpoints)
     offline = ['--rfid', 'false', '--lpips', 'false', '--num_workers', '0']
     out = {name: os.path.join(OUT, f'{name}.json') for name in ('recon', 'smoothness', 'compression', 'projection', 'kmeans', 'radar')}
     analyse("Table 1: reconstructions of held-out images", 'recon', flags + offline + ['--num_images', str(NUM_HELD_OUT)], out['recon'])
@@ -72,6 +71,11 @@ def train_all():
         common.run_stage(f"train the {name.upper()} baseline", train_convae, [f'paper/configs/{name}_small.py', '--out_dir', folder])
         checkpoints[name] = os.path.join(folder, 'last.pt')
     return checkpoints
+
+
+def builtin_flags(checkpoints):
+    """What every analysis here is given: the autoencoders by name, the built-in shapes, the CPU."""
+    return ['--autoencoder', *checkpoints.values(), '--names', *checkpoints, '--data', 'builtin', '--device', 'cpu']
 
 
 def analyse(title, command, flags, out):
