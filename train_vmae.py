@@ -126,7 +126,7 @@ def main(cfg):
     elif cfg.init_from:
         common.load_checked(model, vmae.read_vmae(cfg.init_from)[1], f"--init_from {cfg.init_from}", cfg.model)
     if not cfg.train_encoder:  # stage 3: only the decoder learns, so the latent space stays the one stage 1 made
-        for module in (model.patch_embed, model.blocks, model.norm, model.to_latent):
+        for module in model.encoder_modules():
             module.requires_grad_(False)
     model.to(device)
     perceptual = vmae.lpips_vgg().to(device) if cfg.perceptual_weight > 0 else None  # offline without VGG16: stop now

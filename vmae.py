@@ -196,6 +196,10 @@ class VMAE(nn.Module):
         mask[:, :n_keep] = 0
         return x, torch.gather(mask, 1, ids_restore), ids_restore
 
+    def encoder_modules(self):
+        """The modules that make the latent; the rest decodes it. Stage 3 freezes these."""
+        return self.patch_embed, self.blocks, self.norm, self.to_latent
+
     def encode_tokens(self, x, mask_ratio=0.0):
         """Images (B, 3, H, W) -> posterior moments of the visible tokens (B, N_vis, 2 * latent_dim),
         mask (B, N) or None, ids_restore (B, N) or None."""
@@ -263,6 +267,7 @@ class VMAE(nn.Module):
             if key in sd and sd[key].shape != getattr(self, key).shape:
                 sd[key] = resize_pos_embed(sd[key], self.grid)
         self.load_state_dict(sd, strict=True)
+
 
 def perturb_latents(z, max_eps):
     """Latent tokens z (B, N, C) + eps x each channel's std x N(0, I), eps drawn uniformly from [0, max_eps]

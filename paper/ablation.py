@@ -41,11 +41,12 @@ import fileio
 import paper.__main__ as paper_commands
 import train_dit
 import train_vmae
+import vmae
 from autoencoders import load_autoencoder, load_generator
 from data import BuiltinShapes
 from paper import train_convae
 from paper.figures import plot_channel_stds, plot_smoothness
-from paper.judges import class_rates, decode_latents, decoded_samples, labelled_images, reconstructions, train_classifier
+from paper.judges import class_rates, decode_latents, labelled_images, reconstructions, sample_latents, train_classifier
 from paper.study import analyse, builtin_flags
 
 OUT = 'out/ablation'
@@ -128,10 +129,10 @@ def one_line_per_encoder(stds):
 
 
 def same_encoder(a, b):
-    """Whether two VMAEs hold the same encoder weights, and so make the same latents."""
-    encoder = ('patch_embed', 'blocks', 'norm.', 'to_latent', 'pos_embed')
-    sa, sb = a.state_dict(), b.state_dict()
-    return all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith(encoder))
+    """Whether two VMAEs hold the same encoder weights and position table, and so make the same latents."""
+    tensors = lambda m: [t for part in m.encoder_modules() for t in part.state_dict().values()] + [m.pos_embed]
+    ta, tb = tensors(a), tensors(b)
+    return len(ta) == len(tb) and all(map(torch.equal, ta, tb))
 
 
 def judge_all(checkpoints):
@@ -150,8 +151,8 @@ def judge_all(checkpoints):
         model, stats, own = load_generator(os.path.join(OUT, dit_name, 'last.pt'), device='cpu')
         noise = common.seeded_noise(defaults.seed, range(NUM_SAMPLES), (model.in_channels, own.grid, own.grid))
         sample_labels = torch.arange(NUM_SAMPLES) % model.num_classes
-        latents, _ = decoded_samples(model, own, stats, noise, sample_labels, defaults.batch_size, defaults.solver, steps=defaults.steps,
-                                     shift=defaults.shift, cfg_scale=dit.guidance_scale(model, None), cfg_interval_start=defaults.cfg_interval_start)
+        latents = sample_latents(model, noise, sample_labels, defaults.batch_size, defaults.solver, steps=defaults.steps,
+                                 shift=defaults.shift, cfg_scale=dit.guidance_scale(model, None), cfg_interval_start=defaults.cfg_interval_start)
         for name in decoders:
             if not same_encoder(own, autoencoders[name]):
                 raise ValueError(f"{name}'s encoder is not {trained_on}'s: the DiT {dit_name} does not model its latents")
@@ -163,11 +164,9 @@ def judge_all(checkpoints):
 
 
 @torch.no_grad()
-def posterior_eps(checkpoint, latent_std, num_images=500):
-    """The posterior's median std over held-out images' latent tokens, in units of each channel's latent std:
+def posterior_eps(autoencoder, images, latent_std):
+    """The posterior's median std over the images' latent tokens, in units of each channel's latent std:
     the eps of the smoothness test that decoding posterior samples instead of means amounts to."""
-    autoencoder = load_autoencoder(checkpoint, 'cpu')
-    images, _ = labelled_images(BuiltinShapes(32, split='val', per_class=num_images // 10))
     std = autoencoder.encode(images).std / torch.tensor(latent_std).view(1, -1, 1, 1)
     return float(std.median())
 
@@ -175,6 +174,7 @@ def posterior_eps(checkpoint, latent_std, num_images=500):
 def summarise(out, checkpoints):
     """One row per variant from the analyses' JSONs. -> {'variants': {name: row}, 'real': the judge's bar, 'eps': [...]}"""
     smoothness, isotropic, compression, judge = (json.load(open(out[k])) for k in ('smoothness', 'isotropic', 'compression', 'judge'))
+    held_out, _ = labelled_images(BuiltinShapes(32, split='val', per_class=NUM_SMOOTHNESS // 10))
     rows = {}
     for name in checkpoints:
         curve = {float(e): m for e, m in smoothness['autoencoders'][name]['eps'].items()}
@@ -183,16 +183,17 @@ def summarise(out, checkpoints):
         change = lambda c, k: float(np.mean([c[e][k] - c[0.0][k] for e in perturbed]))
         std = smoothness['autoencoders'][name]['latent_std']
         share = sorted((s * s for s in std), reverse=True)
+        autoencoder = load_autoencoder(checkpoints[name], 'cpu')
         rows[name] = {
             'psnr': {f'{e:g}': curve[e]['psnr'] for e in curve}, 'ssim': {f'{e:g}': curve[e]['ssim'] for e in curve},
             'psnr_change': change(curve, 'psnr'), 'ssim_change': change(curve, 'ssim'),
             'psnr_change_isotropic': change(flat, 'psnr'), 'psnr_change_at_max': curve[max(perturbed)]['psnr'] - curve[0.0]['psnr'],
             'sigma2': compression['autoencoders'][name]['sigma2'], 'rho': compression['autoencoders'][name]['rho'],
             'top3_variance_share': sum(share[:3]) / sum(share), 'std_max_over_min': max(std) / min(std),
-            'posterior_eps': posterior_eps(checkpoints[name], std) if name != 'ae' else None,
+            'posterior_eps': posterior_eps(autoencoder, held_out, std) if isinstance(autoencoder, vmae.VMAE) else None,
             'reconstructions_recognised': judge['reconstructions'][name], 'samples_recognised': judge['samples'].get(name),
         }
-    return {'variants': rows, 'real_recognised': judge['real'], 'eps': sorted(float(e) for e in curve)}
+    return {'variants': rows, 'real_recognised': judge['real'], 'eps': sorted(curve)}
 
 
 def report(summary, figure, channels, seconds):

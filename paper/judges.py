@@ -113,11 +113,15 @@ def class_rates(classifier, images, labels, num_classes):
 
 
 @torch.no_grad()
+def sample_latents(model, noise, labels, batch_size, solver='euler', **sampler):
+    """Latents (N, C, h, w) as the DiT sees them, from noise (N, C, h, w): dit.flow_sample, batch by batch."""
+    return torch.cat([flow_sample(model, noise[i:i + batch_size], labels[i:i + batch_size], solver=solver, **sampler)
+                      for i in range(0, len(noise), batch_size)])
+
+
 def decoded_samples(model, autoencoder, stats, noise, labels, batch_size, solver='euler', **sampler):
-    """(latents (N, C, h, w) as the DiT sees them, images (N, 3, H, W)) from noise: dit.flow_sample,
-    de-standardised, decoded, batch by batch."""
-    latents = torch.cat([flow_sample(model, noise[i:i + batch_size], labels[i:i + batch_size], solver=solver, **sampler)
-                         for i in range(0, len(noise), batch_size)])
+    """(latents (N, C, h, w) as the DiT sees them, images (N, 3, H, W)) from noise."""
+    latents = sample_latents(model, noise, labels, batch_size, solver, **sampler)
     return latents, decode_latents(autoencoder, latents, stats, batch_size)
 
 

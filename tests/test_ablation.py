@@ -2,7 +2,6 @@
 (--latent_noise), the stage-3 variants' trainable parameters, isotropic noise in the smoothness test, and the
 whole command on truncated trainings. CPU only. Run: python -m pytest tests/test_ablation.py"""
 
-import dataclasses
 import functools
 import json
 import os
@@ -17,8 +16,7 @@ import train_vmae
 import vmae
 from paper import ablation, judges
 import paper.__main__ as paper_commands
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_train_vmae import tiny_config
 
 
 def test_perturb_latents_adds_the_smoothness_tests_noise_one_eps_per_image():
@@ -58,10 +56,8 @@ def test_the_training_pass_decodes_the_perturbed_mean():
 
 
 def tiny(out_dir, **overrides):
-    base = dict(data='builtin', image_size=32, model='VMAE-tiny', out_dir=str(out_dir), perceptual_weight=0.0, batch_size=16,
-                micro_batch_size=16, blr=0.016, max_steps=3, warmup_steps=1, dtype='fp32', num_workers=0, log_every=1,
-                ckpt_every=3, image_every=1000, device='cpu')
-    return dataclasses.replace(train_vmae.Config(), **{**base, **overrides})
+    """Three steps of VMAE-tiny."""
+    return tiny_config(out_dir, **{**dict(max_steps=3, warmup_steps=1, log_every=1, ckpt_every=3), **overrides})
 
 
 def stage3(out_dir, start, **overrides):
